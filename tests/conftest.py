@@ -1,0 +1,19 @@
+"""Shared test set-up: offline, seeded, and a clean Pyro param store for every test."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_pyro_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+    torch.set_default_dtype(torch.float32)
