@@ -3,6 +3,8 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton kernels run on CPU tensors through the interpreter; this must precede the first `import triton`.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyro  # noqa: E402
 import pytest  # noqa: E402

@@ -34,7 +34,8 @@ def _bank_build(args: argparse.Namespace) -> None:
         args.pretrained, dict(args.finetuned), blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
     )
     bank.save(args.out)
-    print(f"wrote {args.out}: {bank.num_tasks} tasks × {bank.num_blocks} blocks, {bank.vectors.shape[1]} params")
+    size = bank.vectors.shape[1]
+    print(f"wrote {args.out}: {bank.num_tasks} tasks × {bank.num_blocks} blocks, {size} parameters each")
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
