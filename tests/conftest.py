@@ -19,3 +19,13 @@ def _clean_pyro_state():
     yield
     pyro.clear_param_store()
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The ``micro`` zoo, built once per test session into a session temp dir (``$VTVC_CACHE_DIR``)."""
+    from vtvc_pyro.zoo import load_zoo
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VTVC_CACHE_DIR", str(tmp_path_factory.mktemp("vtvc_cache")))
+        yield load_zoo("micro")

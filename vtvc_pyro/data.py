@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, random_split
 
 
 class MultiTaskDataset(Dataset):
@@ -38,3 +38,16 @@ class MultiTaskDataset(Dataset):
         return torch.cat(
             [torch.full((len(ds),), task_id, dtype=torch.long) for task_id, ds in self.parts]
         )
+
+
+def train_val_split(
+    dataset: Dataset, fraction: float = 0.1, max_val: int = 5000, seed: int = 0
+) -> tuple[Subset, Subset]:
+    """The task-vector literature's validation protocol: a seeded random ``fraction`` of train (at most
+    ``max_val`` items) becomes val, the rest stays train (``random_split`` with ``manual_seed(seed)``)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val fraction must lie in [0, 1), got {fraction}")
+    n = len(dataset)
+    n_val = min(int(n * fraction), max_val)
+    train, val = random_split(dataset, [n - n_val, n_val], generator=torch.Generator().manual_seed(seed))
+    return train, val

@@ -1,0 +1,398 @@
+"""Exact sample-specific composed forward of an open_clip ViT (METHOD.md §6).
+
+Image ``n`` is encoded with weights ``θ0 + Σ_t Σ_b coef[n, t, b] · τ_t^(b)`` without building one weight copy
+per sample. Every parameter enters the ViT linearly, so a linear layer is
+``x W(λ_n)ᵀ = x W0ᵀ + Σ_t λ[n, t] · (x ΔW_tᵀ)``: one extra GEMM per task vector that is non-zero for some
+sample of the batch in that layer's block (none for a block that is zero everywhere). Small tensors
+(LayerNorm affine, biases, embeddings, LayerScale) are formed per sample. Without autograd, a layer with
+many active task vectors may instead form its per-sample weights a few samples at a time, when that is
+cheaper; both give the same numbers up to float rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import (
+    CustomResidualAttentionBlock,
+    LayerNorm,
+    LayerNormFp32,
+    LayerScale,
+    ResidualAttentionBlock,
+    VisionTransformer,
+)
+from torch import nn
+
+from vtvc_pyro.task_vectors import TaskVectorBank
+
+MODES = ("auto", "composed", "materialise")
+# Cost of forming one sample's weights for a layer (memory-bound), in multiply-adds per weight element; the
+# composed path pays ``L`` per element and active task vector (L tokens), the per-sample GEMMs ``L / 4`` more
+# than one shared GEMM. Measured on a 2-core x86 CPU with benchmarks/compose.py.
+_MATERIALISE_COST = 100.0
+_CHUNK_ELEMENTS = 1 << 24  # per-sample weights formed at a time (64 MB in float32)
+
+
+@dataclass(frozen=True)
+class _Norm:
+    prefix: str  # "ln_pre", "transformer.resblocks.0.ln_1", ...
+    eps: float
+    fp32: bool  # open_clip's LayerNormFp32: normalise in float32, cast back
+
+
+@dataclass(frozen=True)
+class _Block:
+    prefix: str
+    ln_1: _Norm
+    ln_2: _Norm
+    act: nn.Module  # parameter-free activation (nn.GELU, QuickGELU, ...)
+    ls_1: bool  # LayerScale after attention / after the MLP
+    ls_2: bool
+    in_bias: bool
+    out_bias: bool
+
+
+@dataclass(frozen=True)
+class _Tower:
+    """The architecture of a supported open_clip VisionTransformer; the weights come from the bank."""
+
+    width: int
+    heads: int
+    patch: tuple[int, int]
+    tokens: int  # patches + class token
+    ln_pre: _Norm | None
+    blocks: tuple[_Block, ...]
+    ln_post: _Norm
+    pool_type: str
+    final_ln_after_pool: bool
+    proj: bool
+    param_names: frozenset[str]
+
+
+def _norm(module: nn.Module, prefix: str, width: int) -> _Norm:
+    if type(module) not in (nn.LayerNorm, LayerNorm, LayerNormFp32):
+        raise _unsupported(f"{prefix} is a {type(module).__name__}, not a LayerNorm")
+    if tuple(module.normalized_shape) != (width,) or module.weight is None or module.bias is None:
+        raise _unsupported(f"{prefix} is not an affine LayerNorm over {width} features")
+    return _Norm(prefix, float(module.eps), type(module) is LayerNormFp32)
+
+
+def _unsupported(feature: str) -> ValueError:
+    return ValueError(f"ComposedEncoder does not support this tower feature: {feature}")
+
+
+def _read_block(block: nn.Module, prefix: str, width: int) -> _Block:
+    if isinstance(block, CustomResidualAttentionBlock):
+        attn = block.attn
+        flags = {"qk_norm": not isinstance(attn.ln_q, nn.Identity),
+                 "scaled_cosine_attn": attn.logit_scale is not None,
+                 "scale_heads": attn.head_scale is not None,
+                 "scale_attn_inner": not isinstance(attn.ln_inner, nn.Identity),
+                 "scale_attn": not isinstance(block.ln_attn, nn.Identity),
+                 "scale_fc": not isinstance(block.mlp.ln, nn.Identity)}
+        named = [k for k, on in flags.items() if on]
+        raise _unsupported(f"{prefix} is a CustomResidualAttentionBlock (block_type='custom'"
+                           + (f", {', '.join(named)}" if named else "") + ")")
+    if type(block) is not ResidualAttentionBlock:
+        raise _unsupported(f"{prefix} is a {type(block).__name__}, not a ResidualAttentionBlock")
+    if hasattr(block, "ln_1_kv"):
+        raise _unsupported(f"{prefix} is a cross-attention block")
+    attn = block.attn
+    if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+        raise _unsupported(f"{prefix}.attn uses separate q/k/v projections, bias_k/bias_v or add_zero_attn")
+    if attn.embed_dim != width:
+        raise _unsupported(f"{prefix}.attn has embed_dim {attn.embed_dim} != width {width}")
+    if attn.dropout > 0 and block.training:
+        raise _unsupported(f"{prefix}.attn attention dropout {attn.dropout} in training mode")
+    layer_scale = []
+    for name in ("ls_1", "ls_2"):
+        ls = getattr(block, name)
+        if not isinstance(ls, (LayerScale, nn.Identity)):
+            raise _unsupported(f"{prefix}.{name} is a {type(ls).__name__}")
+        layer_scale.append(isinstance(ls, LayerScale))
+    mlp = block.mlp
+    if list(mlp._modules) != ["c_fc", "gelu", "c_proj"] or not all(
+            type(mlp[i]) is nn.Linear for i in (0, 2)):
+        raise _unsupported(f"{prefix}.mlp is not c_fc -> activation -> c_proj")
+    act = mlp.gelu
+    if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
+        raise _unsupported(f"{prefix}.mlp.gelu ({type(act).__name__}) has parameters or buffers")
+    if mlp.c_fc.bias is None or mlp.c_proj.bias is None:
+        raise _unsupported(f"{prefix}.mlp linear layers without bias")
+    ln_1, ln_2 = _norm(block.ln_1, f"{prefix}.ln_1", width), _norm(block.ln_2, f"{prefix}.ln_2", width)
+    return _Block(prefix, ln_1, ln_2, act, *layer_scale, attn.in_proj_bias is not None,
+                  attn.out_proj.bias is not None)
+
+
+def _read_tower(visual: nn.Module) -> _Tower:
+    """Read the architecture of ``visual``; raise naming the first feature the composed forward lacks."""
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(f"ComposedEncoder needs an open_clip VisionTransformer (model.visual), "
+                        f"got {type(visual).__name__}")
+    if visual.attn_pool is not None or getattr(visual, "attn_pool_contrastive", None) is not None:
+        raise _unsupported("attentional pooler (attentional_pool=True)")
+    if not isinstance(visual.patch_dropout, nn.Identity):
+        raise _unsupported(f"patch dropout (prob={visual.patch_dropout.prob})")
+    if visual.pool_type not in ("tok", "avg"):
+        raise _unsupported(f"pool_type={visual.pool_type!r} (supported: 'tok', 'avg')")
+    if visual.output_tokens:
+        raise _unsupported("output_tokens=True")
+    conv = visual.conv1
+    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding != (0, 0) \
+            or conv.dilation != (1, 1) or conv.groups != 1 or conv.bias is not None:
+        raise _unsupported("conv1 is not a bias-free patch-embedding convolution (kernel = stride)")
+    width = conv.out_channels
+    heads = {blk.attn.num_heads for blk in visual.transformer.resblocks if hasattr(blk, "attn")}
+    blocks = tuple(_read_block(blk, f"transformer.resblocks.{i}", width)
+                   for i, blk in enumerate(visual.transformer.resblocks))
+    if len(heads) != 1:
+        raise _unsupported(f"blocks with different head counts {sorted(heads)}")
+    ln_pre = None if isinstance(visual.ln_pre, nn.Identity) else _norm(visual.ln_pre, "ln_pre", width)
+    tower = _Tower(width=width, heads=heads.pop(), patch=tuple(conv.kernel_size),
+                   tokens=visual.positional_embedding.shape[0], ln_pre=ln_pre, blocks=blocks,
+                   ln_post=_norm(visual.ln_post, "ln_post", width), pool_type=visual.pool_type,
+                   final_ln_after_pool=bool(visual.final_ln_after_pool), proj=visual.proj is not None,
+                   param_names=frozenset())
+    names = set(_used_names(tower))
+    floats = {k for k, v in visual.state_dict().items() if v.is_floating_point()}
+    extra = sorted(floats - names)
+    if extra:
+        raise _unsupported(f"parameters the composed forward does not know: {extra[:5]}")
+    return _Tower(**{**tower.__dict__, "param_names": frozenset(names)})
+
+
+def _used_names(tower: _Tower) -> list[str]:
+    norms = [tower.ln_post] + ([tower.ln_pre] if tower.ln_pre else [])
+    names = ["conv1.weight", "class_embedding", "positional_embedding"] + (["proj"] if tower.proj else [])
+    for blk in tower.blocks:
+        p = blk.prefix
+        norms += [blk.ln_1, blk.ln_2]
+        names += [f"{p}.attn.in_proj_weight", f"{p}.attn.out_proj.weight", f"{p}.mlp.c_fc.weight",
+                  f"{p}.mlp.c_fc.bias", f"{p}.mlp.c_proj.weight", f"{p}.mlp.c_proj.bias"]
+        names += [f"{p}.attn.in_proj_bias"] * blk.in_bias + [f"{p}.attn.out_proj.bias"] * blk.out_bias
+        names += [f"{p}.ls_1.gamma"] * blk.ls_1 + [f"{p}.ls_2.gamma"] * blk.ls_2
+    return names + [f"{n.prefix}.{s}" for n in norms for s in ("weight", "bias")]
+
+
+def _check_bank(visual: nn.Module, bank: TaskVectorBank) -> None:
+    """Raise naming the first key where the bank's float entries do not match the tower's state dict."""
+    tower = {k: tuple(v.shape) for k, v in visual.state_dict().items() if v.is_floating_point()}
+    entries = {e.name: tuple(e.shape) for e in bank.entries}
+    missing = [k for k in tower if k not in entries]
+    if missing:
+        raise ValueError(f"the bank has no task vectors for tower key {missing[0]!r} "
+                         f"({len(missing)} tower keys missing)")
+    extra = [k for k in entries if k not in tower]
+    if extra:
+        raise ValueError(f"the bank has key {extra[0]!r} that the tower lacks ({len(extra)} such keys)")
+    for k, shape in tower.items():
+        if entries[k] != shape:
+            raise ValueError(f"shape mismatch for {k!r}: bank {list(entries[k])} vs tower {list(shape)}")
+
+
+class _Weights:
+    """Per-forward access to the weights ``θ0 + Σ coef · τ`` of one batch, in composed or materialised form.
+
+    ``coef`` is ``[M, T, B]`` with ``M = 1`` (one weight set for the whole batch: merged once) or ``M = N``.
+    """
+
+    def __init__(self, enc: ComposedEncoder, coef: torch.Tensor, mode: str, grad: bool) -> None:
+        self.enc, self.mode, self.grad = enc, mode, grad
+        self.dtype = enc.base.dtype
+        active = (coef != 0).any(dim=0).t()  # [B, T]: task t is non-zero for some sample in block b
+        self.tasks = active.nonzero()[:, 1]  # task ids of the (block, task) pairs, block-major
+        self.task_list = self.tasks.tolist()
+        stops = list(itertools.accumulate(active.sum(dim=1).tolist()))
+        self.span = list(zip([0, *stops[:-1]], stops, strict=True))
+        self.coef = coef.transpose(1, 2)[:, active]  # [M, nnz], same order as the pairs
+
+    def _active(self, name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Active task ids, their device index, and coefficients ``[M, k]`` of the block holding ``name``."""
+        s, e = self.span[self.enc.entries[name][0]]
+        return self.task_list[s:e], self.tasks[s:e], self.coef[:, s:e]
+
+    def _segment(self, name: str) -> tuple[int, int]:
+        _, offset, shape = self.enc.entries[name]
+        return offset, offset + math.prod(shape)
+
+    def _taus(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """``[k, numel]`` task vectors of ``name`` for the task ids ``index`` (compute dtype)."""
+        s, e = self._segment(name)
+        rows = self.enc.vectors[:, s:e]
+        if index.numel() != rows.shape[0]:
+            rows = rows.index_select(0, index)
+        return rows.to(self.dtype)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """``[M', numel]`` weights of ``name`` per sample (``M' = 1`` when no task is active in its block)."""
+        s, e = self._segment(name)
+        base = self.enc.base[s:e].unsqueeze(0)
+        tasks, index, c = self._active(name)
+        if not tasks:
+            return base
+        return torch.addmm(base, c, self._taus(name, index))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """``[M', *shape]`` weights of a small tensor (norm affine, bias, embedding, LayerScale)."""
+        return self.flat(name).view(-1, *self.enc.entries[name][2])
+
+    def linear(self, x: torch.Tensor, weight: str, bias: str | None, transposed: bool = True) -> torch.Tensor:
+        """``x [N, L, in] → [N, L, out]`` through ``weight`` (``[out, in]``, or ``[in, out]`` when
+        ``transposed`` is false, as open_clip stores ``proj``) plus ``bias``."""
+        N, L, fin = x.shape
+        rows = self.enc.entries[weight][2][0]  # conv1.weight [out, 3, p, p] acts as [out, 3·p·p]
+        tasks, index, c = self._active(weight)
+        b = self.tensor(bias) if bias is not None else None
+
+        def mat(flat: torch.Tensor) -> torch.Tensor:  # [..., numel] -> [..., in, out]
+            m = flat.view(*flat.shape[:-1], rows, -1)
+            return m.transpose(-1, -2) if transposed else m
+
+        if tasks and (c.shape[0] == 1 or self._materialise(L, len(tasks))):
+            y = self._materialised(x, mat, weight, index, c)
+            return y if b is None else y + b.unsqueeze(1)
+        s, e = self._segment(weight)
+        x2, shared_bias = x.reshape(N * L, fin), b is not None and b.shape[0] == 1
+        y = torch.addmm(b[0], x2, mat(self.enc.base[s:e])) if shared_bias else x2 @ mat(self.enc.base[s:e])
+        for j, t in enumerate(tasks):
+            y = y.addmm_((x * c[:, j, None, None]).reshape(N * L, fin),
+                         mat(self.enc.vectors[t, s:e].to(self.dtype)))
+        y = y.view(N, L, -1)
+        return y + b.unsqueeze(1) if b is not None and not shared_bias else y
+
+    def _materialise(self, L: int, k: int) -> bool:
+        if self.mode == "materialise":
+            return True
+        return self.mode == "auto" and not self.grad and (k - 0.25) * L > _MATERIALISE_COST
+
+    def _materialised(self, x, mat, weight: str, index: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights ``W0 + Σ c·τ``, a chunk of samples at a time (all at once when ``M = 1``)."""
+        s, e = self._segment(weight)
+        base, taus = self.enc.base[s:e].unsqueeze(0), self._taus(weight, index)
+        if c.shape[0] == 1:
+            return x @ mat(torch.addmm(base, c, taus)[0])
+        step = max(1, _CHUNK_ELEMENTS // (e - s))
+        return torch.cat([torch.bmm(x[i:i + step], mat(torch.addmm(base, c[i:i + step], taus)))
+                          for i in range(0, x.shape[0], step)])
+
+    def layer_norm(self, x: torch.Tensor, norm: _Norm) -> torch.Tensor:
+        w, b = self.tensor(f"{norm.prefix}.weight"), self.tensor(f"{norm.prefix}.bias")
+        dtype = x.dtype
+        if norm.fp32:
+            x, w, b = x.float(), w.float(), b.float()
+        d = x.shape[-1]
+        if w.shape[0] == 1 and b.shape[0] == 1:
+            y = F.layer_norm(x, (d,), w[0], b[0], norm.eps)
+        else:
+            ones = (1,) * (x.dim() - 2)
+            y = F.layer_norm(x, (d,), None, None, norm.eps) * w.view(-1, *ones, d) + b.view(-1, *ones, d)
+        return y.to(dtype)
+
+
+class ComposedEncoder(nn.Module):
+    """An open_clip vision tower whose weights are ``θ0 + Σ_t Σ_b coef[n, t, b] · τ_t^(b)`` for image ``n``.
+
+    The tower supplies the architecture only; θ0 and τ come from ``bank`` and are kept as (non-persistent)
+    buffers, so the encoder has no parameters and nothing of it reaches an optimizer. ``mode``: ``"auto"``
+    (composed GEMMs, or per-sample weights a few samples at a time for a layer where that is cheaper and no
+    gradient is needed), ``"composed"`` (always the linearity trick) or ``"materialise"`` (always per-sample
+    weights; under autograd this keeps one weight copy per sample alive for the backward pass). ``dtype`` is
+    the compute dtype (float32 by default).
+    """
+
+    def __init__(self, visual: nn.Module, bank: TaskVectorBank, *, mode: str = "auto",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.tower = _read_tower(visual)
+        _check_bank(visual, bank)
+        self.mode = mode
+        self.task_names, self.block_names = bank.task_names, bank.block_names
+        self.entries = {e.name: (e.block, e.offset, tuple(e.shape)) for e in bank.entries}
+        self.register_buffer("base", bank.base.to(dtype), persistent=False)
+        self.register_buffer("vectors", bank.vectors, persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def _coef(self, coef: torch.Tensor, n: int) -> torch.Tensor:
+        """Validate ``coef`` ([N, T, B], [T, B] or [T]); return it as ``[M, T, B]`` with M ∈ {1, N}."""
+        if not isinstance(coef, torch.Tensor):
+            coef = torch.as_tensor(coef)
+        T, B = self.num_tasks, self.num_blocks
+        shapes = {3: (n, T, B), 2: (T, B), 1: (T,)}
+        if shapes.get(coef.dim()) != tuple(coef.shape):
+            raise ValueError(f"coef must have shape [N, T, B] = [{n}, {T}, {B}], [T, B] = [{T}, {B}] or "
+                             f"[T] = [{T}], got {list(coef.shape)}")
+        if not (coef.is_floating_point() or coef.dtype in (torch.int32, torch.int64, torch.bool)):
+            raise ValueError(f"coef must be real numbers, got dtype {coef.dtype}")
+        coef = coef.to(self.base.device, self.base.dtype)
+        bad = ~torch.isfinite(coef)
+        if bad.any():
+            index = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"coef{index} = {coef[tuple(index)].item()} is not finite")
+        if coef.dim() == 1:
+            coef = coef[:, None].expand(T, B)
+        return coef if coef.dim() == 3 else coef.unsqueeze(0)
+
+    def forward(self, images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, D]`` (unnormalised): what the tower returns for each image with its own weights."""
+        tw = self.tower
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [N, 3, H, W], got {list(images.shape)}")
+        N, _, H, W = images.shape
+        (ph, pw), gh, gw = tw.patch, H // tw.patch[0], W // tw.patch[1]
+        if gh * gw + 1 != tw.tokens:
+            raise ValueError(f"images of size {H}x{W} give {gh * gw} patches of {ph}x{pw}; the positional "
+                             f"embedding expects {tw.tokens - 1}")
+        coef = self._coef(coef, N)
+        grad = torch.is_grad_enabled() and coef.requires_grad
+        if coef.shape[0] > 1 and not grad and bool((coef == coef[:1]).all()):
+            coef = coef[:1]  # one weight set for the whole batch: merge once
+        w = _Weights(self, coef, self.mode, grad)
+
+        x = images.to(self.base.device, self.base.dtype)[:, :, :gh * ph, :gw * pw]
+        x = x.reshape(N, 3, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, 3 * ph * pw)
+        x = w.linear(x, "conv1.weight", None)
+        cls = w.tensor("class_embedding").expand(N, -1).unsqueeze(1)
+        x = torch.cat([cls, x], dim=1) + w.tensor("positional_embedding")
+        if tw.ln_pre is not None:
+            x = w.layer_norm(x, tw.ln_pre)
+        for blk in tw.blocks:
+            x = x + self._attention(w, blk, w.layer_norm(x, blk.ln_1))
+            p = blk.prefix
+            h = w.linear(w.layer_norm(x, blk.ln_2), f"{p}.mlp.c_fc.weight", f"{p}.mlp.c_fc.bias")
+            h = w.linear(blk.act(h), f"{p}.mlp.c_proj.weight", f"{p}.mlp.c_proj.bias")
+            x = x + (h * w.tensor(f"{p}.ls_2.gamma").unsqueeze(1) if blk.ls_2 else h)
+        if tw.final_ln_after_pool:
+            pooled = w.layer_norm(self._pool(x), tw.ln_post)
+        else:
+            pooled = self._pool(w.layer_norm(x[:, :1] if tw.pool_type == "tok" else x, tw.ln_post))
+        if not tw.proj:
+            return pooled
+        return w.linear(pooled.unsqueeze(1), "proj", None, transposed=False).squeeze(1)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.tower.pool_type == "tok" else x[:, 1:].mean(dim=1)
+
+    def _attention(self, w: _Weights, blk: _Block, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention as ``nn.MultiheadAttention`` computes it (``need_weights=False``)."""
+        N, L, d = x.shape
+        p, heads = f"{blk.prefix}.attn", self.tower.heads
+        qkv = w.linear(x, f"{p}.in_proj_weight", f"{p}.in_proj_bias" if blk.in_bias else None)
+        q, k, v = qkv.view(N, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, d)
+        a = w.linear(a, f"{p}.out_proj.weight", f"{p}.out_proj.bias" if blk.out_bias else None)
+        return a * w.tensor(f"{blk.prefix}.ls_1.gamma").unsqueeze(1) if blk.ls_1 else a

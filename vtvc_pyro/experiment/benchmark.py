@@ -1,0 +1,117 @@
+"""What every method of a run shares: the pre-trained encoder, task checkpoints, heads and data splits,
+from an embedded zoo preset or from real checkpoint files and a data root."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from vtvc_pyro.experiment.config import ExperimentConfig
+from vtvc_pyro.heads import HeadBank
+from vtvc_pyro.task_vectors import TaskVectorBank
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Benchmark:
+    """θ0 (``model``, eval mode), the tasks' checkpoints and heads, and ``splits[split][task]`` datasets."""
+
+    description: str
+    task_names: list[str]
+    model: nn.Module
+    heads: HeadBank
+    splits: dict[str, dict[str, Dataset]]
+    pretrained_path: Path
+    finetuned_paths: dict[str, Path]
+    trust_pickle: bool = False
+    _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    def bank(self, blocks: str | Sequence[str] = "tensor") -> TaskVectorBank:
+        """The task vectors of every task with the ``blocks`` partition (built once per partition)."""
+        key = blocks if isinstance(blocks, str) else "\n".join(blocks)
+        if key not in self._banks:
+            self._banks[key] = TaskVectorBank.from_checkpoints(
+                self.pretrained_path, self.finetuned_paths,
+                blocks=blocks if isinstance(blocks, str) else list(blocks), trust_pickle=self.trust_pickle,
+            )
+        return self._banks[key]
+
+    def finetuned_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        from vtvc_pyro.checkpoints import load_state_dict
+
+        return load_state_dict(self.finetuned_paths[task], trust_pickle=self.trust_pickle)
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random ``limit`` items of ``dataset`` (kept in their original order), or all of it."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Subset(dataset, keep.sort().values.tolist())
+
+
+def _chosen_tasks(available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    if wanted is None:
+        return list(available)
+    unknown = [t for t in wanted if t not in available]
+    if unknown:
+        raise ValueError(f"zoo.tasks: unknown tasks {unknown}; available: {list(available)}")
+    return list(wanted)
+
+
+def _limit(splits: Mapping[str, Mapping[str, Dataset]], cfg: ExperimentConfig) -> dict[str, dict[str, Dataset]]:
+    """Apply ``protocol.max_fit_per_task`` (train and val) and ``max_test_per_task``."""
+    limits = {"train": cfg.protocol.max_fit_per_task, "val": cfg.protocol.max_fit_per_task,
+              "test": cfg.protocol.max_test_per_task}
+    return {s: {t: _subset(ds, limits[s], cfg.seed) for t, ds in per_task.items()} for s, per_task in splits.items()}
+
+
+def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchmark:
+    from vtvc_pyro.zoo import load_zoo, zoo_root
+
+    root = zoo_root(cfg.zoo.preset, cfg.zoo.cache_dir)
+    progress(f"zoo '{cfg.zoo.preset}' at {root} (built on first use)")
+    zoo = load_zoo(cfg.zoo.preset, cache_dir=cfg.zoo.cache_dir)
+    tasks = _chosen_tasks(zoo.task_names, cfg.zoo.tasks)
+    splits = {s: {t: zoo.split(t, s) for t in tasks} for s in SPLITS}
+    return Benchmark(
+        description=f"embedded zoo '{zoo.preset}' ({zoo.model_name}) at {zoo.root}",
+        task_names=tasks,
+        model=zoo.create_model().eval(),
+        heads=HeadBank({t: zoo.heads[t] for t in tasks}),
+        splits=_limit(splits, cfg),
+        pretrained_path=zoo.pretrained_path,
+        finetuned_paths={t: zoo.finetuned_paths[t] for t in tasks},
+    )
+
+
+def _check_file(path: str, key: str) -> Path:
+    resolved = Path(os.path.expanduser(path))
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{key}: file not found: {resolved}")
+    return resolved
+
+
+def load_benchmark(cfg: ExperimentConfig, progress: Callable[[str], None] = print) -> Benchmark:
+    """The benchmark a config names (an embedded zoo, or real checkpoints and datasets)."""
+    if cfg.zoo.preset is not None:
+        return _from_zoo(cfg, progress)
+    from vtvc_pyro.experiment.real import from_checkpoints
+
+    pretrained = _check_file(cfg.zoo.pretrained, "zoo.pretrained")
+    finetuned = {t: _check_file(p, f"zoo.finetuned.{t}") for t, p in cfg.zoo.finetuned.items()}
+    tasks = _chosen_tasks(list(finetuned), cfg.zoo.tasks)
+    bench = from_checkpoints(cfg, pretrained, {t: finetuned[t] for t in tasks}, progress)
+    bench.splits = _limit(bench.splits, cfg)
+    return bench

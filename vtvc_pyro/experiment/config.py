@@ -1,0 +1,445 @@
+"""Experiment configs: typed, frozen dataclasses read from YAML, validated key by key, with dotted overrides.
+
+Every error names the offending key (``svi.stepz: unknown key; allowed: steps, lr, ...``). A config file may
+start from another one with ``extends: other.yaml`` (path relative to the file); the child's keys win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METHODS = (
+    "zeroshot", "finetuned", "task_arithmetic", "ties", "atlas", "metanet",
+    "vtvc_gaussian", "vtvc_stochastic", "vtvc", "vtvc_merged",
+)
+"""Built-in methods, in the order of the comparison table."""
+
+FITTED_METHODS = ("task_arithmetic", "ties", "atlas", "metanet", "vtvc_gaussian", "vtvc_stochastic", "vtvc")
+"""Methods whose settings a variant may change (``variants:``)."""
+
+VARIANT_SECTIONS = ("prior", "guide", "svi", "baselines", "blocks", "protocol.alpha_grid", "protocol.ties_top_k")
+"""The only keys a variant's ``set:`` may touch: the ones that change how a method is fitted."""
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+class ConfigError(ValueError):
+    """A config or override that does not validate; the message starts with the offending key."""
+
+
+def _check(predicate, requirement: str) -> dict:
+    return {"check": (predicate, requirement)}
+
+
+_POSITIVE = _check(lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+_UNIT = _check(lambda v: 0 < v <= 1, "must be in (0, 1]")
+_OPTIONAL_POSITIVE = _check(lambda v: v is None or v > 0, "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Where the pre-trained encoder, task vectors, heads and data come from.
+
+    Either an embedded ``preset`` ("default", "micro"), or real checkpoints: ``model`` (open_clip name),
+    ``pretrained`` and ``finetuned`` ({task: path}) files and a ``data_root`` with the standard datasets.
+    """
+
+    preset: Literal["default", "micro"] | None = "default"
+    cache_dir: str | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    finetuned: dict[str, str] = field(default_factory=dict)
+    trust_pickle: bool = False
+    data_root: str | None = None
+    tasks: tuple[str, ...] | None = None
+    """Use only these tasks (in this order); null = every task of the zoo."""
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Task addition (one composition for all tasks) or knowledge transfer (compose the other tasks)."""
+
+    name: Literal["task_addition", "knowledge_transfer"] = "task_addition"
+    targets: tuple[str, ...] | None = None
+    """Knowledge-transfer target tasks; null = every task."""
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    """Scaling coefficients tried for task arithmetic and TIES, chosen on val."""
+    ties_top_k: float = field(default=0.2, metadata=_UNIT)
+    max_fit_per_task: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    """Cap on the fitting samples per task (a seeded subset); null = all of them."""
+    max_test_per_task: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+
+
+@dataclass(frozen=True)
+class GuideConfig:
+    """The variational family (METHOD §3) and the gating rule (§4)."""
+
+    kind: Literal["amortized", "task_level"] = "amortized"
+    hidden_dim: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    """Width of g_φ's hidden layer; null = feature_dim / 4."""
+    gating: Literal["gated", "stochastic"] = "gated"
+    tau0: float = field(default=0.05, metadata=_NON_NEGATIVE)
+    beta: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    sharpness: float = field(default=20.0, metadata=_POSITIVE)
+    temperature: float = field(default=0.5, metadata=_POSITIVE)
+    init_loc: float = 0.3
+    init_scale: float = field(default=0.05, metadata=_POSITIVE)
+    init_prob: float = field(default=0.7, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+
+
+@dataclass(frozen=True)
+class SVISettings:
+    """Stochastic variational inference (METHOD §5)."""
+
+    steps: int = field(default=300, metadata=_POSITIVE)
+    lr: float = field(default=5e-3, metadata=_POSITIVE)
+    batch_size: int = field(default=64, metadata=_POSITIVE)
+    elbo: Literal["trace", "mean_field"] = "mean_field"
+    num_particles: int = field(default=1, metadata=_POSITIVE)
+    kl_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    kl_anneal_steps: int = field(default=0, metadata=_NON_NEGATIVE)
+    lr_decay: float = field(default=0.1, metadata=_UNIT)
+    """Total learning-rate decay over the run (ClippedAdam's ``lrd`` is derived from it)."""
+    clip_norm: float = field(default=10.0, metadata=_POSITIVE)
+    checkpoint_every: int = field(default=50, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Training of the deterministic baselines (aTLAS, meta-network) by cross-entropy."""
+
+    steps: int = field(default=300, metadata=_POSITIVE)
+    lr: float = field(default=5e-3, metadata=_POSITIVE)
+    batch_size: int = field(default=64, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = field(default=256, metadata=_POSITIVE)
+    mc_samples: int = field(default=0, metadata=_NON_NEGATIVE)
+    """Monte Carlo predictive samples for the VTVC methods (0 = the deterministic gated prediction)."""
+    ece_bins: int = field(default=15, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """A named variant of a built-in method: ``set`` maps dotted keys to values (e.g. ``prior.pi: 0.1``)."""
+
+    method: str
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_prior() -> dict[str, Any]:
+    return {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: zoo, protocol, methods to compare, prior, guide, SVI and evaluation settings."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "cpu"
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    blocks: str | tuple[str, ...] = "tensor"
+    """Block partition: "tensor", "layer", or a list of parameter-name patterns."""
+    methods: tuple[str, ...] = METHODS
+    variants: dict[str, VariantConfig] = field(default_factory=dict)
+    prior: dict[str, Any] = field(default_factory=_default_prior)
+    """Declarative prior (METHOD §2), passed to the Pyro core's ``PriorSpec.from_mapping``."""
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    svi: SVISettings = field(default_factory=SVISettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from err
+
+
+def _read_yaml_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = parse_yaml(path.read_text(), str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"extends: expected a file path, got {parent!r}")
+    return _deep_merge(_read_yaml_file(path.parent / parent, (*seen, path)), raw)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- overrides
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_0-9][A-Za-z0-9_\-]*)*$")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``--svi.lr=1e-3`` → ``("svi.lr", 0.001)``; the value is read as a YAML scalar (or flow list/map)."""
+    body = text[2:] if text.startswith("--") else None
+    key, sep, value = (body or "").partition("=")
+    if body is None or not _KEY.match(key):
+        raise ConfigError(f"override {text!r}: expected --key.sub=value (a dotted key, e.g. --svi.steps=200)")
+    if not sep:
+        raise ConfigError(f"{key}: override {text!r} has no value; expected --{key}=VALUE")
+    return key, parse_yaml(value, f"{key}: override value") if value.strip() else ""
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections."""
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of str to {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    return tp.__name__ if isinstance(tp, type) else str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for alternative in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key}: keys must be strings, got {k!r}")
+            out[k] = _coerce(v, args[1], f"{key}.{k}")
+        return out
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"{key}: unsupported config type {tp!r}")
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Build the dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
+    prefix = f"{key}." if key else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{prefix}{name}: required key is missing")
+            continue
+        value = _coerce(data[name], hints[name], prefix + name)
+        check = f.metadata.get("check")
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{prefix}{name}: {check[1]}; got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config as plain YAML/JSON data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
+def digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config: two runs are the same run iff their digests agree."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    """Checks across keys (those within one key are field metadata)."""
+    zoo = cfg.zoo
+    if zoo.preset is None:
+        missing = [k for k in ("model", "pretrained", "data_root") if getattr(zoo, k) is None]
+        if not zoo.finetuned:
+            missing.append("finetuned")
+        if missing:
+            raise ConfigError(f"zoo.{missing[0]}: required when zoo.preset is null (real checkpoints)")
+    else:
+        given = [k for k in ("model", "pretrained", "data_root") if getattr(zoo, k) is not None]
+        if zoo.finetuned:
+            given.append("finetuned")
+        if given:
+            raise ConfigError(f"zoo.{given[0]}: only for real checkpoints; set zoo.preset: null to use it")
+    if zoo.tasks is not None and len(set(zoo.tasks)) != len(zoo.tasks):
+        raise ConfigError(f"zoo.tasks: duplicate task names in {list(zoo.tasks)}")
+    if not cfg.protocol.alpha_grid:
+        raise ConfigError("protocol.alpha_grid: must not be empty")
+    if isinstance(cfg.blocks, str) and cfg.blocks not in ("tensor", "layer"):
+        raise ConfigError(f"blocks: must be tensor, layer or a list of name patterns; got {cfg.blocks!r}")
+    for name, variant in cfg.variants.items():
+        if name in METHODS:
+            raise ConfigError(f"variants.{name}: a variant cannot take a built-in method's name")
+        if variant.method not in FITTED_METHODS:
+            raise ConfigError(
+                f"variants.{name}.method: must be one of {', '.join(FITTED_METHODS)}; got {variant.method!r}"
+            )
+    known = (*METHODS, *cfg.variants)
+    if not cfg.methods:
+        raise ConfigError("methods: must name at least one method")
+    for i, method in enumerate(cfg.methods):
+        if method not in known:
+            raise ConfigError(f"methods[{i}]: unknown method {method!r}; known: {', '.join(known)}")
+        if method in cfg.methods[:i]:
+            raise ConfigError(f"methods[{i}]: {method!r} is listed twice")
+    if "vtvc_merged" in cfg.methods and "vtvc" not in cfg.methods:
+        raise ConfigError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
+    if "kind" not in cfg.prior:
+        raise ConfigError("prior.kind: required (e.g. spike_and_slab, gaussian)")
+
+
+def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping (and every variant it declares) into an :class:`ExperimentConfig`."""
+    cfg = build(ExperimentConfig, raw)
+    _validate(cfg)
+    for name in cfg.variants:
+        variant_config(cfg, name)
+    return cfg
+
+
+def variant_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """The settings ``method`` runs with: ``cfg`` itself, or ``cfg`` with a variant's ``set`` applied."""
+    variant = cfg.variants.get(method)
+    if variant is None:
+        return cfg
+    raw = to_dict(cfg)
+    for key, value in variant.set.items():
+        where = f"variants.{method}.set.{key}"
+        if not _KEY.match(key) or not any(key == s or key.startswith(s + ".") for s in VARIANT_SECTIONS):
+            raise ConfigError(f"{where}: a variant may only set keys under {', '.join(VARIANT_SECTIONS)}")
+        try:
+            set_dotted(raw, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"variants.{method}.set: {err}") from err
+    try:
+        resolved = build(ExperimentConfig, raw)
+        _validate(resolved)
+    except ConfigError as err:
+        raise ConfigError(f"variants.{method}.set: {err}") from err
+    return resolved
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply ``--key.sub=value`` overrides in order, validate, return it frozen."""
+    raw = _read_yaml_file(Path(path))
+    raw.setdefault("prior", _default_prior())  # so that ``--prior.pi=0.2`` edits the default prior
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return from_dict(raw)

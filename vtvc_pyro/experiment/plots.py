@@ -1,0 +1,127 @@
+"""PNG figures of a run, drawn from plain arrays and dicts (matplotlib, Agg backend), written atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vtvc_pyro.io import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _short(name: str) -> str:
+    return name.replace("transformer.resblocks.", "L").replace("_weight", ".w").replace("_bias", ".b")
+
+
+def inclusion_heatmap(
+    prob: np.ndarray, task_names: Sequence[str], block_names: Sequence[str], path: str | os.PathLike,
+    title: str = "inclusion probability",
+) -> None:
+    """Tasks × blocks heatmap of ``prob`` (``[T, B]``, values in [0, 1])."""
+    prob = np.asarray(prob, dtype=float)
+    if prob.shape != (len(task_names), len(block_names)):
+        raise ValueError(f"prob has shape {prob.shape}, expected ({len(task_names)}, {len(block_names)})")
+    width = min(24.0, 3.0 + 0.12 * len(block_names))
+    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.35 * len(task_names)))
+    image = ax.imshow(prob, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(task_names)), task_names)
+    step = max(1, len(block_names) // 60)
+    ticks = range(0, len(block_names), step)
+    ax.set_xticks(ticks, [_short(block_names[i]) for i in ticks], rotation=90, fontsize=6)
+    ax.set_xlabel("block")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+    _save(fig, path)
+
+
+def coefficient_distributions(
+    coef: np.ndarray, sample_task: np.ndarray, task_names: Sequence[str], path: str | os.PathLike,
+    title: str = "per-sample coefficients",
+) -> None:
+    """Left: per task vector, the distribution over samples of its block-averaged coefficient.
+    Right: the mean of that coefficient for the samples of each task (rows) and each task vector (columns)."""
+    coef = np.asarray(coef, dtype=float)
+    sample_task = np.asarray(sample_task)
+    if coef.ndim != 3 or coef.shape[1] != len(task_names) or coef.shape[0] != sample_task.shape[0]:
+        raise ValueError(
+            f"coef must be [N, T={len(task_names)}, B] with N = {sample_task.shape[0]}, got {coef.shape}"
+        )
+    per_vector = coef.mean(axis=2)  # [N, T]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 1.6 * len(task_names), 4.0))
+    left.violinplot([per_vector[:, t] for t in range(len(task_names))], showmeans=True)
+    left.set_xticks(range(1, len(task_names) + 1), task_names, rotation=45, ha="right")
+    left.set_ylabel("mean coefficient over blocks")
+    left.set_title(title)
+    rows = [t for t in range(len(task_names)) if (sample_task == t).any()]
+    means = np.stack([per_vector[sample_task == t].mean(axis=0) for t in rows])
+    image = right.imshow(means, cmap="coolwarm", vmin=-np.abs(means).max(), vmax=np.abs(means).max())
+    right.set_yticks(range(len(rows)), [task_names[t] for t in rows])
+    right.set_xticks(range(len(task_names)), task_names, rotation=45, ha="right")
+    right.set_ylabel("samples of task")
+    right.set_xlabel("task vector")
+    fig.colorbar(image, ax=right, fraction=0.046, pad=0.04)
+    _save(fig, path)
+
+
+def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
+    """Equal-width confidence bins: (mean confidence, accuracy, count) per non-empty bin."""
+    confidence = np.asarray(confidence, dtype=float)
+    correct = np.asarray(correct, dtype=float)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    keep = counts > 0
+    conf = np.bincount(which, weights=confidence, minlength=bins)[keep] / counts[keep]
+    acc = np.bincount(which, weights=correct, minlength=bins)[keep] / counts[keep]
+    return conf, acc, counts[keep]
+
+
+def reliability_diagram(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, bins: int = 15
+) -> None:
+    """Accuracy against confidence per method (``{method: (confidence [N], correct [N])}``)."""
+    fig, ax = plt.subplots(figsize=(5.0, 5.0))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for method, (confidence, correct) in curves.items():
+        conf, acc, _ = reliability_curve(confidence, correct, bins)
+        ax.plot(conf, acc, marker="o", markersize=3, label=method)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability ({bins} bins)")
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)
+
+
+def accuracy_bars(
+    accuracy: Mapping[str, Mapping[str, float]], path: str | os.PathLike, ylabel: str = "test accuracy"
+) -> None:
+    """Grouped bars: one group per task plus the mean, one bar per method (``{method: {task: acc}}``)."""
+    methods = list(accuracy)
+    tasks = list(dict.fromkeys(t for row in accuracy.values() for t in row))
+    groups = [*tasks, "mean"]
+    values = np.array(
+        [[accuracy[m].get(t, np.nan) for t in tasks] + [np.nanmean([accuracy[m].get(t, np.nan) for t in tasks])]
+         for m in methods]
+    )
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(methods)) * 0.35), 4.0))
+    x = np.arange(len(groups))
+    for i, method in enumerate(methods):
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, values[i], width, label=method)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)

@@ -1,0 +1,124 @@
+"""The comparison table and ``metrics.json`` of a run, from the per-method result dicts.
+
+A method result is plain data: ``{"tasks": {task: {"accuracy", "nll", "ece", "n"}}, "sparsity",
+"active_per_block", "fit_seconds", "eval_seconds", ...}``. Normalised accuracy is accuracy divided by the
+fine-tuned model's accuracy on the same task's test split (the ``finetuned`` method's result).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vtvc_pyro.io import atomic_write, write_json
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(
+    results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], finetuned_accuracy: Mapping[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Per method: per-task metrics with normalised accuracy, and their means over ``tasks``."""
+    rows = {}
+    for method, result in results.items():
+        per_task = {}
+        for task in tasks:
+            metrics = dict(result["tasks"][task])
+            reference = finetuned_accuracy.get(task)
+            metrics["normalized_accuracy"] = metrics["accuracy"] / reference if reference else None
+            per_task[task] = metrics
+        rows[method] = {
+            "tasks": per_task,
+            "mean_accuracy": _mean([m["accuracy"] for m in per_task.values()]),
+            "mean_normalized_accuracy": _mean([m["normalized_accuracy"] for m in per_task.values()]),
+            "nll": _mean([m["nll"] for m in per_task.values()]),
+            "ece": _mean([m["ece"] for m in per_task.values()]),
+            "sparsity": result.get("sparsity"),
+            "active_per_block": result.get("active_per_block"),
+            "fit_seconds": result.get("fit_seconds"),
+            "eval_seconds": result.get("eval_seconds"),
+        }
+    return rows
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "sec":
+        return f"{value:.1f}"
+    return f"{value:.3f}" if kind == "3" else f"{value:.2f}"
+
+
+def table_rows(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the comparison table (accuracies in %)."""
+    header = ["method", *tasks, "mean acc", "mean norm. acc", "NLL", "ECE", "sparsity",
+              "active TVs/block", "fit s", "eval s"]
+    body = []
+    for method, row in rows.items():
+        body.append([
+            method,
+            *(_fmt(row["tasks"][t]["accuracy"], "pct") for t in tasks),
+            _fmt(row["mean_accuracy"], "pct"),
+            _fmt(row["mean_normalized_accuracy"], "pct"),
+            _fmt(row["nll"], "3"),
+            _fmt(row["ece"], "3"),
+            _fmt(row["sparsity"], "3"),
+            _fmt(row["active_per_block"], "2"),
+            _fmt(row["fit_seconds"], "sec"),
+            _fmt(row["eval_seconds"], "sec"),
+        ])
+    return header, body
+
+
+def to_markdown(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], title: str = "") -> str:
+    header, body = table_rows(rows, tasks)
+    lines = [f"## {title}", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
+    lines.extend("| " + " | ".join(cells) + " |" for cells in body)
+    lines += [
+        "",
+        "Per-task and mean accuracies are test accuracies in %; normalised accuracy divides by the fine-tuned "
+        "model's accuracy on the same task. NLL and ECE (15 bins) are means over tasks. Sparsity is the share "
+        "of gated-off (zero) components; active TVs/block is the mean number of task vectors with a non-zero "
+        "coefficient in a block.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], md_path: str | os.PathLike,
+    csv_path: str | os.PathLike, title: str = "",
+) -> None:
+    """``table.md`` (human) and ``table.csv`` (one row per method, unformatted numbers), atomically."""
+    with atomic_write(md_path) as handle:
+        handle.write(to_markdown(rows, tasks, title))
+    fields = [
+        "method",
+        *(f"accuracy.{t}" for t in tasks),
+        *(f"normalized_accuracy.{t}" for t in tasks),
+        "mean_accuracy", "mean_normalized_accuracy", "nll", "ece", "sparsity", "active_per_block",
+        "fit_seconds", "eval_seconds",
+    ]
+    with atomic_write(csv_path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for method, row in rows.items():
+            record = {"method": method}
+            for t in tasks:
+                record[f"accuracy.{t}"] = row["tasks"][t]["accuracy"]
+                record[f"normalized_accuracy.{t}"] = row["tasks"][t]["normalized_accuracy"]
+            record.update({k: row[k] for k in fields[1 + 2 * len(tasks):]})
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+
+
+def write_metrics(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    write_json(path, payload)

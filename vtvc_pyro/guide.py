@@ -1,0 +1,189 @@
+"""The variational family (METHOD §3–4): an amortized guide on the frozen pre-trained features, and the
+task-level (non-amortized) ablation. Both sample ``pi`` (hyper-prior only), ``gate`` (spike only), ``slab``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+
+from vtvc_pyro.gating import GateRule, ImportanceUncertaintyGate
+from vtvc_pyro.kl import GateBernoulli, SlabNormal
+from vtvc_pyro.model import Batch, plates, require_finite
+from vtvc_pyro.priors import PriorSpec, as_prior
+
+GATINGS = ("gated", "stochastic")
+LOGIT_LIMIT = 10.0  # gate logits are clamped to [-10, 10]: inclusion probabilities within 5e-5 of 0 and 1
+MIN_SCALE = 1e-4
+
+
+def amortizer(feature_dim: int, num_outputs: int, hidden_dim: int | None = None) -> PyroModule:
+    """``g_φ``: ``Linear(d, d/4) – ReLU – Linear(d/4, num_outputs)`` as a PyroModule (its weights are guide
+    parameters in Pyro's param store)."""
+    hidden = hidden_dim or max(1, feature_dim // 4)
+    return PyroModule[nn.Sequential](
+        PyroModule[nn.Linear](feature_dim, hidden), nn.ReLU(), PyroModule[nn.Linear](hidden, num_outputs)
+    )
+
+
+def _rho(scale: float) -> float:
+    """The softplus pre-image ``ρ`` with ``softplus(ρ) + MIN_SCALE = scale``."""
+    if not scale > MIN_SCALE:
+        raise ValueError(f"init_scale: must be > {MIN_SCALE}, got {scale!r}")
+    return math.log(math.expm1(scale - MIN_SCALE))
+
+
+def _logit(prob: float) -> float:
+    if not 0 < prob < 1:
+        raise ValueError(f"init_prob: must be in (0, 1), got {prob!r}")
+    return math.log(prob / (1 - prob))
+
+
+class GateSlabGuide(PyroModule):
+    """What both guides share: the site structure and distributions; subclasses give ``(logits, loc, scale)``.
+
+    ``q(gate) = Bernoulli(sigmoid(ℓ))``, drawn as the gating rule's decision (``gating="gated"``) or as a
+    relaxed straight-through sample (``"stochastic"``); ``q(slab | gate) = Normal(μ, σ)`` where the gate is
+    on (the prior where it is off); ``q(pi) = Beta(α, β)`` with free ``[T, B]`` parameters.
+    """
+
+    def __init__(self, task_names: Sequence[str], block_names: Sequence[str],
+                 prior: PriorSpec | Mapping[str, Any] | None = None, *, gating: str = "gated",
+                 rule: GateRule | None = None, temperature: float = 0.5):
+        super().__init__()
+        self.prior = as_prior(prior)
+        if gating not in GATINGS:
+            raise ValueError(f"gating: {gating!r} is not a gating mode; allowed: {', '.join(GATINGS)}")
+        if gating == "gated" and self.prior.relaxed:
+            raise ValueError("gating: a relaxed spike needs gating='stochastic' (gated decisions are exact 0/1, "
+                             "where the relaxed density is degenerate)")
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {temperature!r}")
+        self.gating, self.temperature = gating, float(temperature)
+        self.rule = rule or ImportanceUncertaintyGate()
+        self.task_names, self.block_names = list(task_names), list(block_names)
+        params = self.prior.resolve(self.task_names, self.block_names)
+        self.register_buffer("prior_slab_loc", params["slab_loc"])
+        self.register_buffer("prior_slab_scale", params["slab_scale"])
+        if self.prior.hierarchical:
+            self.pi_alpha = PyroParam(params["pi_a"], constraint=constraints.positive)
+            self.pi_beta = PyroParam(params["pi_b"], constraint=constraints.positive)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def components(self, features0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[n, T, B]`` gate logits ``ℓ``, slab loc ``μ`` and slab scale ``σ`` for ``[n, D]`` features."""
+        raise NotImplementedError
+
+    def pi_dist(self) -> dist.Beta:
+        return dist.Beta(self.pi_alpha, self.pi_beta)
+
+    def gate_dist(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+                  ) -> GateBernoulli | dist.RelaxedBernoulli:
+        if self.prior.relaxed:
+            temperature = torch.tensor(self.temperature, dtype=logits.dtype, device=logits.device)
+            return dist.RelaxedBernoulli(temperature, logits=logits)
+        decision = self.rule(logits, loc, scale) if self.gating == "gated" else None
+        return GateBernoulli(logits, self.temperature, decision)
+
+    def slab_dist(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                  gate: torch.Tensor | None) -> dist.Normal:
+        if gate is None or self.prior.relaxed:
+            return dist.Normal(loc, scale)
+        return SlabNormal.given_gate(gate, loc, scale, torch.sigmoid(logits),
+                                     self.prior_slab_loc, self.prior_slab_scale)
+
+    def forward(self, batch: Batch, kl_scale: float = 1.0) -> None:
+        logits, loc, scale = self.components(batch.features0)
+        data, tasks, blocks = plates(batch, self.num_tasks, self.num_blocks)
+        gate = None
+        with poutine.scale(scale=kl_scale):
+            if self.prior.hierarchical:
+                with tasks, blocks:
+                    pyro.sample("pi", self.pi_dist())
+            with data, tasks, blocks:
+                if self.prior.has_spike:
+                    gate = pyro.sample("gate", self.gate_dist(logits, loc, scale))
+                pyro.sample("slab", self.slab_dist(logits, loc, scale, gate))
+
+    def _decide(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if not self.prior.has_spike:
+            return torch.ones_like(loc)
+        if self.gating == "gated":
+            return self.rule(logits, loc, scale)
+        return (torch.sigmoid(logits) >= 0.5).to(loc.dtype)
+
+    @torch.no_grad()
+    def decision(self, features0: torch.Tensor) -> torch.Tensor:
+        """``[n, T, B]`` 0/1 gate used at evaluation: the rule's ``G`` (gated), ``1[p ≥ 0.5]`` (stochastic),
+        all ones without a spike."""
+        return self._decide(*self.components(features0))
+
+    @torch.no_grad()
+    def point_coef(self, features0: torch.Tensor) -> torch.Tensor:
+        """The deterministic evaluation coefficients ``coef = G · μ`` (METHOD §7), ``[n, T, B]``."""
+        logits, loc, scale = self.components(features0)
+        return self._decide(logits, loc, scale) * loc
+
+
+class AmortizedGuide(GateSlabGuide):
+    """Sample-specific posterior from ``g_φ(normalize(f(x; θ0)))`` → ``(ℓ, μ, ρ)`` per (task, block),
+    ``σ = softplus(ρ) + 1e-4``. Initialised to ``p = init_prob``, ``μ = init_loc``, ``σ = init_scale`` with a
+    small input dependence, so fitting starts near task arithmetic."""
+
+    def __init__(self, feature_dim: int, task_names: Sequence[str], block_names: Sequence[str],
+                 prior: PriorSpec | Mapping[str, Any] | None = None, *, hidden_dim: int | None = None,
+                 gating: str = "gated", rule: GateRule | None = None, temperature: float = 0.5,
+                 init_loc: float = 0.3, init_scale: float = 0.05, init_prob: float = 0.7,
+                 init_weight_scale: float = 0.01):
+        super().__init__(task_names, block_names, prior, gating=gating, rule=rule, temperature=temperature)
+        self.feature_dim = feature_dim
+        components = self.num_tasks * self.num_blocks
+        self.net = amortizer(feature_dim, 3 * components, hidden_dim)
+        last = self.net[-1]
+        with torch.no_grad():
+            last.weight.mul_(init_weight_scale)
+            start = torch.tensor([_logit(init_prob), float(init_loc), _rho(init_scale)])
+            last.bias.copy_(start.repeat_interleave(components))
+
+    def components(self, features0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if features0.ndim != 2 or features0.shape[1] != self.feature_dim:
+            raise ValueError(f"features0 must be [n, {self.feature_dim}], got shape {tuple(features0.shape)}")
+        out = self.net(features0).view(-1, 3, self.num_tasks, self.num_blocks)
+        require_finite(out, "guide network output (gate logits, slab loc and scale)")
+        logits, loc, rho = out.unbind(1)
+        return logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT), loc, F.softplus(rho) + MIN_SCALE
+
+
+class TaskLevelGuide(GateSlabGuide):
+    """The non-amortized ablation: free ``[T, B]`` parameters ``ℓ, μ, ρ`` shared by every sample."""
+
+    def __init__(self, task_names: Sequence[str], block_names: Sequence[str],
+                 prior: PriorSpec | Mapping[str, Any] | None = None, *, gating: str = "gated",
+                 rule: GateRule | None = None, temperature: float = 0.5, init_loc: float = 0.3,
+                 init_scale: float = 0.05, init_prob: float = 0.7):
+        super().__init__(task_names, block_names, prior, gating=gating, rule=rule, temperature=temperature)
+        shape = (self.num_tasks, self.num_blocks)
+        self.gate_logits = nn.Parameter(torch.full(shape, _logit(init_prob)))
+        self.slab_loc = nn.Parameter(torch.full(shape, float(init_loc)))
+        self.slab_rho = nn.Parameter(torch.full(shape, _rho(init_scale)))
+
+    def components(self, features0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (features0.shape[0], self.num_tasks, self.num_blocks)
+        logits = self.gate_logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT).expand(shape)
+        return logits, self.slab_loc.expand(shape), (F.softplus(self.slab_rho) + MIN_SCALE).expand(shape)

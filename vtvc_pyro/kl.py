@@ -1,0 +1,117 @@
+"""The guide's gate and slab distributions, and their analytic KL divergences to the prior (METHOD §5).
+
+Registered with ``torch.distributions.kl.register_kl``, so ``TraceMeanField_ELBO`` uses them:
+
+    KL(q(gate) ‖ Bernoulli(π))            = KL(Bern(p) ‖ Bern(π))
+    E_q(gate) KL(q(slab | gate) ‖ N(m, s)) = p · KL(N(μ, σ) ‖ N(m, s))
+
+Both are differentiable in the guide's ``logits``, ``loc`` and ``scale``.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints, kl_divergence, register_kl
+from torch.distributions.utils import broadcast_all, lazy_property
+
+
+class GateBernoulli(TorchDistribution):
+    """``q(gate) = Bernoulli(sigmoid(logits))`` with reparameterised draws.
+
+    A draw is a relaxed straight-through sample (exact 0/1 forward, gradient of
+    ``RelaxedBernoulli(temperature, logits)``), or the given gated ``decision`` (METHOD §4). ``log_prob`` is the
+    Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.boolean
+    has_rsample = True
+
+    def __init__(self, logits: torch.Tensor, temperature: float = 0.5, decision: torch.Tensor | None = None,
+                 validate_args: bool | None = None):
+        self.logits = logits
+        self.temperature = float(temperature)
+        self.decision = None if decision is None else decision.expand(logits.shape)
+        super().__init__(logits.shape, validate_args=validate_args)
+
+    @lazy_property
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.probs * (1 - self.probs)
+
+    def expand(self, batch_shape: torch.Size, _instance: GateBernoulli | None = None) -> GateBernoulli:
+        new = self._get_checked_instance(GateBernoulli, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape)
+        new.temperature = self.temperature
+        new.decision = None if self.decision is None else self.decision.expand(batch_shape)
+        super(GateBernoulli, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        if self.decision is not None:
+            return self.decision.expand(self._extended_shape(sample_shape))
+        temperature = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
+        return dist.RelaxedBernoulliStraightThrough(temperature, logits=self.logits).rsample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+
+    def entropy(self) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.logits, self.probs, reduction="none")
+
+
+class SlabNormal(dist.Normal):
+    """``q(slab | gate)``: ``Normal(on_loc, on_scale)`` where the gate is on, the prior where it is off.
+
+    An unused slab then costs no KL, and the KL to the prior averaged over the gate is
+    ``inclusion · KL(N(on_loc, on_scale) ‖ prior)`` (registered below). ``loc``/``scale`` are those of the
+    sampling distribution; build one with :meth:`given_gate`.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor,
+                 on_loc: torch.Tensor, on_scale: torch.Tensor, validate_args: bool | None = None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        shape = self.batch_shape
+        self.inclusion = inclusion.expand(shape)
+        self.on_loc = on_loc.expand(shape)
+        self.on_scale = on_scale.expand(shape)
+
+    @classmethod
+    def given_gate(cls, gate: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor,
+                   prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> SlabNormal:
+        """The slab given a 0/1 ``gate`` (its value only: the gate's gradient flows through ``coef``)."""
+        on = gate.detach() > 0.5
+        loc, scale, prior_loc, prior_scale = broadcast_all(loc, scale, prior_loc, prior_scale)
+        return cls(torch.where(on, loc, prior_loc), torch.where(on, scale, prior_scale), inclusion, loc, scale)
+
+    def expand(self, batch_shape: torch.Size, _instance: SlabNormal | None = None) -> SlabNormal:
+        batch_shape = torch.Size(batch_shape)
+        return SlabNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape),
+                          self.inclusion.expand(batch_shape), self.on_loc.expand(batch_shape),
+                          self.on_scale.expand(batch_shape), validate_args=False)
+
+
+@register_kl(GateBernoulli, torch.distributions.Bernoulli)
+def _kl_gate_bernoulli(q: GateBernoulli, p: torch.distributions.Bernoulli) -> torch.Tensor:
+    return kl_divergence(torch.distributions.Bernoulli(logits=q.logits), p)
+
+
+@register_kl(SlabNormal, torch.distributions.Normal)
+def _kl_slab_normal(q: SlabNormal, p: torch.distributions.Normal) -> torch.Tensor:
+    on = torch.distributions.Normal(q.on_loc, q.on_scale, validate_args=False)
+    return q.inclusion * kl_divergence(on, p)
