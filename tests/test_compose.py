@@ -28,6 +28,15 @@ TOWERS = {
 MODES = ("composed", "materialise", "auto")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny towers gain nothing from a second thread, and on a busy machine two threads spin-wait on each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tower(name: str, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
     return VisionTransformer(**TOWERS[name]).eval()
@@ -64,7 +73,7 @@ def oracle(visual: nn.Module, bank: TaskVectorBank, images: torch.Tensor, coef: 
 
 
 def hand_merge(pre: dict, fts: dict, bank: TaskVectorBank, coef_n: torch.Tensor) -> dict:
-    """θ0 + Σ_t coef_n[t, b(k)] (θ_t − θ0)[k] from the state dicts themselves, differentiable in ``coef_n``."""
+    """θ0 + Σ_t coef_n[t, b(k)] (θ_t − θ0)[k] from the state dicts themselves; differentiable."""
     out = {}
     for k, v in pre.items():
         b = bank.block_index(k)
@@ -168,7 +177,14 @@ def test_cost_grows_with_active_task_vectors_only(active):
     assert sum(counter.count.values()) == 10 * (1 + active)
 
 
-@pytest.mark.parametrize("mode", ["composed", "materialise", "auto"])
+def oracle_grad(visual, pre, fts, bank, x, coef, target):
+    ref_coef = coef.detach().clone().requires_grad_(True)
+    ref = torch.cat([functional_call(visual, hand_merge(pre, fts, bank, ref_coef[n]), (x[n:n + 1],))
+                     for n in range(x.shape[0])])
+    return ref.detach(), torch.autograd.grad((ref * target).sum(), ref_coef)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_oracle(mode):
     visual, pre, fts, bank = setup("quickgelu-layerscale", blocks="tensor", num_tasks=3)
     x = images_for(visual, 4)
@@ -176,14 +192,29 @@ def test_gradients_match_oracle(mode):
     coef = sparse_coef(4, 3, bank.num_blocks).requires_grad_(True)
     out = ComposedEncoder(visual, bank, mode=mode)(x, coef)
     (grad,) = torch.autograd.grad((out * target).sum(), coef)
-
-    ref_coef = coef.detach().clone().requires_grad_(True)
-    ref = torch.cat([functional_call(visual, hand_merge(pre, fts, bank, ref_coef[n]), (x[n:n + 1],))
-                     for n in range(4)])
-    (ref_grad,) = torch.autograd.grad((ref * target).sum(), ref_coef)
-    assert max_diff(out.detach(), ref.detach()) <= TOL
-    assert ref_grad.abs().max() > 0.1
+    ref, ref_grad = oracle_grad(visual, pre, fts, bank, x, coef, target)
+    assert max_diff(out.detach(), ref) <= TOL
+    skipped = (coef == 0).all(dim=0)
+    assert skipped.sum() > 10 and ref_grad[:, skipped].abs().max() > 0.1  # exact at zeros too
     assert max_diff(grad, ref_grad) <= TOL
+
+
+def test_sparse_grad_skips_zero_components_under_autograd():
+    visual, pre, fts, bank = setup("quickgelu-layerscale", blocks="tensor", num_tasks=3)
+    x = images_for(visual, 4)
+    target = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    coef = sparse_coef(4, 3, bank.num_blocks).requires_grad_(True)
+    with CountGemms() as sparse_count:
+        out = ComposedEncoder(visual, bank, sparse_grad=True)(x, coef)
+    with CountGemms() as dense_count:
+        ComposedEncoder(visual, bank)(x, coef)
+    assert sum(sparse_count.count.values()) < sum(dense_count.count.values())
+    (grad,) = torch.autograd.grad((out * target).sum(), coef)
+    ref, ref_grad = oracle_grad(visual, pre, fts, bank, x, coef, target)
+    skipped = (coef == 0).all(dim=0)
+    assert max_diff(out.detach(), ref) <= TOL
+    assert (grad[:, skipped] == 0).all()
+    assert max_diff(grad[:, ~skipped], ref_grad[:, ~skipped]) <= TOL
 
 
 def test_gradient_of_shared_coefficients():
@@ -269,7 +300,8 @@ def test_unsupported_tower_features_raise_at_construction(feature):
 
 
 def test_non_vit_tower_raises():
-    resnet = open_clip.model.ModifiedResNet(layers=(1, 1, 1, 1), output_dim=8, heads=2, image_size=32, width=8)
+    resnet = open_clip.model.ModifiedResNet(layers=(1, 1, 1, 1), output_dim=8, heads=2, image_size=32,
+                                            width=8)
     pre = resnet.state_dict()
     bank = TaskVectorBank.from_state_dicts(pre, finetuned(pre, 1))
     with pytest.raises(TypeError, match="ModifiedResNet"):

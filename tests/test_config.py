@@ -50,7 +50,7 @@ def test_defaults_follow_the_method_page():
         ({"svi": {"steps": 2.5}}, "svi.steps: expected int, got float"),
         ({"svi": {"lr": "fast"}}, "svi.lr: expected float"),
         ({"svi": {"lr": 0}}, "svi.lr: must be > 0"),
-        ({"svi": {"elbo": "renyi"}}, "svi.elbo: must be one of trace, mean_field"),
+        ({"svi": {"elbo": "renyi"}}, "svi.elbo: must be one of meanfield, trace"),
         ({"svi": 3}, "svi: expected a mapping"),
         ({"zoo": {"tasks": "mnist"}}, "zoo.tasks: expected list of str"),
         ({"zoo": {"tasks": ["mnist", 3]}}, "zoo.tasks[1]: expected str"),

@@ -30,7 +30,7 @@ def layer_of(name: str) -> int:
 def states():
     torch.manual_seed(0)
     vit = tiny_vit()
-    pre = vit.state_dict()
+    pre = {k: v.clone() for k, v in vit.state_dict().items()}  # not views: the tests load into `vit`
     gen = torch.Generator().manual_seed(1)
     fts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
                for k, v in pre.items()} for t in TASKS}
@@ -93,14 +93,21 @@ def test_triton_kernel_equals_torch_path(states, dtype):
     torch_out = merge_flat(bank.base, bank.vectors, coef[:, :3], segments, backend="torch")
     triton_out = merge_flat(bank.base, bank.vectors, coef[:, :3], segments, backend="triton")
     torch.testing.assert_close(triton_out, torch_out, rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch_out[:10], bank.base[:10], rtol=0, atol=0)
-    torch.testing.assert_close(torch_out[9000:12000], bank.base[9000:12000], rtol=0, atol=0)
+    for c in (coef[:, :3], coef[:, 0]):  # per block and per task
+        for backend in ("torch", "triton"):
+            out = merge_flat(bank.base, bank.vectors, c, segments, backend=backend)
+            torch.testing.assert_close(out[:10], bank.base[:10], rtol=0, atol=0)
+            torch.testing.assert_close(out[9000:12000], bank.base[9000:12000], rtol=0, atol=0)
+            c0 = c[:, 0] if c.dim() == 2 else c
+            expected = bank.base[10:20] + c0 @ bank.vectors[:, 10:20].float()
+            torch.testing.assert_close(out[10:20], expected, rtol=0, atol=1e-6)
 
 
 def test_bad_coefficients_raise(states):
     _, pre, fts = states
     bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")
-    with pytest.raises(ValueError, match=r"coef must have shape \[T\] = \[3\] or \[T, B\] = \[3, 4\], got \[4\]"):
+    shape_error = r"coef must have shape \[T\] = \[3\] or \[T, B\] = \[3, 4\], got \[4\]"
+    with pytest.raises(ValueError, match=shape_error):
         bank.merge(torch.ones(4))
     with pytest.raises(ValueError, match=r"got \[3, 5\]"):
         bank.merge(torch.ones(3, 5))
@@ -178,7 +185,8 @@ def test_ties_equals_per_entry_reference(states, top_k):
     bank = TaskVectorBank.from_state_dicts(pre, fts)
     floats = [k for k, v in pre.items() if v.is_floating_point()]
     base = torch.cat([pre[k].reshape(-1) for k in floats]).double().numpy()
-    taus = np.stack([torch.cat([fts[t][k].reshape(-1) for k in floats]).double().numpy() - base for t in TASKS])
+    taus = np.stack([torch.cat([fts[t][k].reshape(-1) for k in floats]).double().numpy() - base
+                     for t in TASKS])
     expected = naive_ties(base, taus, top_k, alpha=0.7)
     merged = ties_merging(bank, top_k=top_k, alpha=0.7)
     got = torch.cat([merged[k].reshape(-1) for k in floats]).double().numpy()

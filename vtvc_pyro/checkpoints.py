@@ -43,10 +43,14 @@ class LegacyPickleError(ValueError):
 
 
 class _LegacyStandIn(torch.nn.Module):
-    """Stand-in for a class of the papers' ``src`` package (``ImageEncoder``, ``ClassificationHead``, ...).
+    """Stand-in for a class that no longer resolves: the papers' ``src`` package (``ImageEncoder``,
+    ``ClassificationHead``, ...) or anything else a legacy pickle names (old preprocessing helpers).
 
     Unpickling fills its ``__dict__`` (submodules, parameters, buffers): all that reading weights needs.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} is a stand-in for reading legacy weights only")
@@ -64,20 +68,25 @@ def _stand_in(module: str, name: str) -> type:
 
 
 class _LegacyUnpickler(pickle.Unpickler):
-    """Resolves the papers' ``src.modeling`` classes to stand-ins and old open_clip names to current ones,
-    without touching ``sys.modules``."""
+    """Resolves the papers' ``src.modeling`` classes to stand-ins, old open_clip names to current ones and
+    other names that no longer exist (outside torch) to stand-ins, without touching ``sys.modules``."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] in _LEGACY_PACKAGES:
+        package = module.split(".")[0]
+        if package in _LEGACY_PACKAGES:
             return _stand_in(module, name)
-        if module == "open_clip" or module.startswith("open_clip."):
+        homes = [module]
+        if package == "open_clip":
             name = _OPEN_CLIP_RENAMES.get(name, name)
-            for home in (module, *_OPEN_CLIP_HOMES):
-                try:
-                    return super().find_class(home, name)
-                except (AttributeError, ModuleNotFoundError):
-                    continue
-        return super().find_class(module, name)
+            homes += _OPEN_CLIP_HOMES
+        for home in homes:
+            try:
+                return super().find_class(home, name)
+            except (AttributeError, ImportError):
+                continue
+        if package == "torch":  # tensors and modules must resolve for real
+            return super().find_class(module, name)
+        return _stand_in(module, name)
 
 
 _LEGACY_PICKLE_MODULE = SimpleNamespace(

@@ -47,6 +47,7 @@ class _Norm:
 @dataclass(frozen=True)
 class _Block:
     prefix: str
+    heads: int
     ln_1: _Norm
     ln_2: _Norm
     act: nn.Module  # parameter-free activation (nn.GELU, QuickGELU, ...)
@@ -60,8 +61,6 @@ class _Block:
 class _Tower:
     """The architecture of a supported open_clip VisionTransformer; the weights come from the bank."""
 
-    width: int
-    heads: int
     patch: tuple[int, int]
     tokens: int  # patches + class token
     ln_pre: _Norm | None
@@ -70,7 +69,6 @@ class _Tower:
     pool_type: str
     final_ln_after_pool: bool
     proj: bool
-    param_names: frozenset[str]
 
 
 def _norm(module: nn.Module, prefix: str, width: int) -> _Norm:
@@ -106,8 +104,8 @@ def _read_block(block: nn.Module, prefix: str, width: int) -> _Block:
         raise _unsupported(f"{prefix}.attn uses separate q/k/v projections, bias_k/bias_v or add_zero_attn")
     if attn.embed_dim != width:
         raise _unsupported(f"{prefix}.attn has embed_dim {attn.embed_dim} != width {width}")
-    if attn.dropout > 0 and block.training:
-        raise _unsupported(f"{prefix}.attn attention dropout {attn.dropout} in training mode")
+    if attn.dropout > 0:
+        raise _unsupported(f"{prefix}.attn attention dropout ({attn.dropout})")
     layer_scale = []
     for name in ("ls_1", "ls_2"):
         ls = getattr(block, name)
@@ -124,7 +122,7 @@ def _read_block(block: nn.Module, prefix: str, width: int) -> _Block:
     if mlp.c_fc.bias is None or mlp.c_proj.bias is None:
         raise _unsupported(f"{prefix}.mlp linear layers without bias")
     ln_1, ln_2 = _norm(block.ln_1, f"{prefix}.ln_1", width), _norm(block.ln_2, f"{prefix}.ln_2", width)
-    return _Block(prefix, ln_1, ln_2, act, *layer_scale, attn.in_proj_bias is not None,
+    return _Block(prefix, attn.num_heads, ln_1, ln_2, act, *layer_scale, attn.in_proj_bias is not None,
                   attn.out_proj.bias is not None)
 
 
@@ -141,28 +139,24 @@ def _read_tower(visual: nn.Module) -> _Tower:
         raise _unsupported(f"pool_type={visual.pool_type!r} (supported: 'tok', 'avg')")
     if visual.output_tokens:
         raise _unsupported("output_tokens=True")
+    if not isinstance(visual.transformer.resblocks, nn.ModuleList) or not visual.transformer.resblocks:
+        raise _unsupported("a transformer without residual blocks")
     conv = visual.conv1
     if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or conv.padding != (0, 0) \
             or conv.dilation != (1, 1) or conv.groups != 1 or conv.bias is not None:
         raise _unsupported("conv1 is not a bias-free patch-embedding convolution (kernel = stride)")
     width = conv.out_channels
-    heads = {blk.attn.num_heads for blk in visual.transformer.resblocks if hasattr(blk, "attn")}
     blocks = tuple(_read_block(blk, f"transformer.resblocks.{i}", width)
                    for i, blk in enumerate(visual.transformer.resblocks))
-    if len(heads) != 1:
-        raise _unsupported(f"blocks with different head counts {sorted(heads)}")
     ln_pre = None if isinstance(visual.ln_pre, nn.Identity) else _norm(visual.ln_pre, "ln_pre", width)
-    tower = _Tower(width=width, heads=heads.pop(), patch=tuple(conv.kernel_size),
-                   tokens=visual.positional_embedding.shape[0], ln_pre=ln_pre, blocks=blocks,
-                   ln_post=_norm(visual.ln_post, "ln_post", width), pool_type=visual.pool_type,
-                   final_ln_after_pool=bool(visual.final_ln_after_pool), proj=visual.proj is not None,
-                   param_names=frozenset())
-    names = set(_used_names(tower))
+    tower = _Tower(patch=tuple(conv.kernel_size), tokens=visual.positional_embedding.shape[0], ln_pre=ln_pre,
+                   blocks=blocks, ln_post=_norm(visual.ln_post, "ln_post", width), pool_type=visual.pool_type,
+                   final_ln_after_pool=bool(visual.final_ln_after_pool), proj=visual.proj is not None)
     floats = {k for k, v in visual.state_dict().items() if v.is_floating_point()}
-    extra = sorted(floats - names)
-    if extra:
-        raise _unsupported(f"parameters the composed forward does not know: {extra[:5]}")
-    return _Tower(**{**tower.__dict__, "param_names": frozenset(names)})
+    unknown = sorted(floats - set(_used_names(tower)))
+    if unknown:
+        raise _unsupported(f"parameters the composed forward does not know: {unknown[:5]}")
+    return tower
 
 
 def _used_names(tower: _Tower) -> list[str]:
@@ -200,10 +194,13 @@ class _Weights:
     ``coef`` is ``[M, T, B]`` with ``M = 1`` (one weight set for the whole batch: merged once) or ``M = N``.
     """
 
-    def __init__(self, enc: ComposedEncoder, coef: torch.Tensor, mode: str, grad: bool) -> None:
-        self.enc, self.mode, self.grad = enc, mode, grad
+    def __init__(self, enc: ComposedEncoder, coef: torch.Tensor, grad: bool) -> None:
+        self.enc, self.mode, self.grad = enc, enc.mode, grad
         self.dtype = enc.base.dtype
-        active = (coef != 0).any(dim=0).t()  # [B, T]: task t is non-zero for some sample in block b
+        if grad and not enc.sparse_grad:  # the derivative at a zero coefficient needs its term too
+            active = torch.ones(coef.shape[2], coef.shape[1], dtype=torch.bool, device=coef.device)
+        else:  # [B, T]: task t is non-zero for some sample in block b
+            active = (coef != 0).any(dim=0).t()
         self.tasks = active.nonzero()[:, 1]  # task ids of the (block, task) pairs, block-major
         self.task_list = self.tasks.tolist()
         stops = list(itertools.accumulate(active.sum(dim=1).tolist()))
@@ -258,10 +255,14 @@ class _Weights:
         s, e = self._segment(weight)
         x2, shared_bias = x.reshape(N * L, fin), b is not None and b.shape[0] == 1
         y = torch.addmm(b[0], x2, mat(self.enc.base[s:e])) if shared_bias else x2 @ mat(self.enc.base[s:e])
-        for j, t in enumerate(tasks):
-            y = y.addmm_((x * c[:, j, None, None]).reshape(N * L, fin),
-                         mat(self.enc.vectors[t, s:e].to(self.dtype)))
-        y = y.view(N, L, -1)
+        y3 = y.view(N, L, -1)
+        for j, t in enumerate(tasks):  # scale the narrower side of the GEMM by λ[n, t]
+            tau, scale = mat(self.enc.vectors[t, s:e].to(self.dtype)), c[:, j, None, None]
+            if fin <= y.shape[1]:
+                y.addmm_((x * scale).reshape(N * L, fin), tau)
+            else:
+                y3.addcmul_((x2 @ tau).view(N, L, -1), scale)
+        y = y3
         return y + b.unsqueeze(1) if b is not None and not shared_bias else y
 
     def _materialise(self, L: int, k: int) -> bool:
@@ -300,12 +301,16 @@ class ComposedEncoder(nn.Module):
     buffers, so the encoder has no parameters and nothing of it reaches an optimizer. ``mode``: ``"auto"``
     (composed GEMMs, or per-sample weights a few samples at a time for a layer where that is cheaper and no
     gradient is needed), ``"composed"`` (always the linearity trick) or ``"materialise"`` (always per-sample
-    weights; under autograd this keeps one weight copy per sample alive for the backward pass). ``dtype`` is
-    the compute dtype (float32 by default).
+    weights; under autograd this keeps one weight copy per sample alive for the backward pass).
+
+    Task vectors that are zero for the whole batch in a block are skipped. Under autograd they are not by
+    default, because the derivative at a zero coefficient (which a straight-through gate needs) depends on
+    them; ``sparse_grad=True`` skips them there too and returns 0 as their gradient. ``dtype`` is the
+    compute dtype (float32 by default).
     """
 
     def __init__(self, visual: nn.Module, bank: TaskVectorBank, *, mode: str = "auto",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 sparse_grad: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -313,7 +318,7 @@ class ComposedEncoder(nn.Module):
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.tower = _read_tower(visual)
         _check_bank(visual, bank)
-        self.mode = mode
+        self.mode, self.sparse_grad = mode, sparse_grad
         self.task_names, self.block_names = bank.task_names, bank.block_names
         self.entries = {e.name: (e.block, e.offset, tuple(e.shape)) for e in bank.entries}
         self.register_buffer("base", bank.base.to(dtype), persistent=False)
@@ -361,7 +366,7 @@ class ComposedEncoder(nn.Module):
         grad = torch.is_grad_enabled() and coef.requires_grad
         if coef.shape[0] > 1 and not grad and bool((coef == coef[:1]).all()):
             coef = coef[:1]  # one weight set for the whole batch: merge once
-        w = _Weights(self, coef, self.mode, grad)
+        w = _Weights(self, coef, grad)
 
         x = images.to(self.base.device, self.base.dtype)[:, :, :gh * ph, :gw * pw]
         x = x.reshape(N, 3, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, 3 * ph * pw)
@@ -388,9 +393,10 @@ class ComposedEncoder(nn.Module):
         return x[:, 0] if self.tower.pool_type == "tok" else x[:, 1:].mean(dim=1)
 
     def _attention(self, w: _Weights, blk: _Block, x: torch.Tensor) -> torch.Tensor:
-        """Multi-head self-attention as ``nn.MultiheadAttention`` computes it (``need_weights=False``)."""
+        """Self-attention as ``nn.MultiheadAttention`` computes it (``need_weights=False``; batch_first or
+        not only changes its input layout, not the arithmetic)."""
         N, L, d = x.shape
-        p, heads = f"{blk.prefix}.attn", self.tower.heads
+        p, heads = f"{blk.prefix}.attn", blk.heads
         qkv = w.linear(x, f"{p}.in_proj_weight", f"{p}.in_proj_bias" if blk.in_bias else None)
         q, k, v = qkv.view(N, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, d)

@@ -46,7 +46,8 @@ class ImportanceUncertaintyGate:
 
     def soft(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``G̃``, differentiable in all three inputs."""
-        return torch.sigmoid(logits) * torch.sigmoid(self.sharpness * (loc.abs() - self.threshold(loc, scale)))
+        margin = loc.abs() - self.threshold(loc, scale)
+        return torch.sigmoid(logits) * torch.sigmoid(self.sharpness * margin)
 
     def __call__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         soft = self.soft(logits, loc, scale)

@@ -1,5 +1,6 @@
 """The variational family (METHOD §3–4): an amortized guide on the frozen pre-trained features, and the
-task-level (non-amortized) ablation. Both sample ``pi`` (hyper-prior only), ``gate`` (spike only), ``slab``."""
+task-level (non-amortized) ablation. Both sample ``pi`` (hyper-prior only), ``gate`` (spike only) and
+``slab``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from vtvc_pyro.gating import GateRule, ImportanceUncertaintyGate
 from vtvc_pyro.kl import GateBernoulli, SlabNormal
-from vtvc_pyro.model import Batch, plates, require_finite
+from vtvc_pyro.model import Batch, own_params, plates, require_finite
 from vtvc_pyro.priors import PriorSpec, as_prior
 
 GATINGS = ("gated", "stochastic")
@@ -53,7 +54,8 @@ class GateSlabGuide(PyroModule):
 
     ``q(gate) = Bernoulli(sigmoid(ℓ))``, drawn as the gating rule's decision (``gating="gated"``) or as a
     relaxed straight-through sample (``"stochastic"``); ``q(slab | gate) = Normal(μ, σ)`` where the gate is
-    on (the prior where it is off); ``q(pi) = Beta(α, β)`` with free ``[T, B]`` parameters.
+    on, the prior where it is off (:class:`~vtvc_pyro.kl.SlabNormal`); ``q(pi) = Beta(α, β)`` with free
+    ``[T, B]`` parameters.
     """
 
     def __init__(self, task_names: Sequence[str], block_names: Sequence[str],
@@ -64,8 +66,8 @@ class GateSlabGuide(PyroModule):
         if gating not in GATINGS:
             raise ValueError(f"gating: {gating!r} is not a gating mode; allowed: {', '.join(GATINGS)}")
         if gating == "gated" and self.prior.relaxed:
-            raise ValueError("gating: a relaxed spike needs gating='stochastic' (gated decisions are exact 0/1, "
-                             "where the relaxed density is degenerate)")
+            raise ValueError("gating: a relaxed spike needs gating='stochastic' (gated decisions are exact "
+                             "0/1, where the relaxed density is degenerate)")
         if not temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {temperature!r}")
         self.gating, self.temperature = gating, float(temperature)
@@ -105,8 +107,7 @@ class GateSlabGuide(PyroModule):
                   gate: torch.Tensor | None) -> dist.Normal:
         if gate is None or self.prior.relaxed:
             return dist.Normal(loc, scale)
-        return SlabNormal.given_gate(gate, loc, scale, torch.sigmoid(logits),
-                                     self.prior_slab_loc, self.prior_slab_scale)
+        return SlabNormal(loc, scale, torch.sigmoid(logits), gate, self.prior_slab_loc, self.prior_slab_scale)
 
     def forward(self, batch: Batch, kl_scale: float = 1.0) -> None:
         logits, loc, scale = self.components(batch.features0)
@@ -121,7 +122,8 @@ class GateSlabGuide(PyroModule):
                     gate = pyro.sample("gate", self.gate_dist(logits, loc, scale))
                 pyro.sample("slab", self.slab_dist(logits, loc, scale, gate))
 
-    def _decide(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def decide(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The 0/1 evaluation gate for given components (see :meth:`decision`)."""
         if not self.prior.has_spike:
             return torch.ones_like(loc)
         if self.gating == "gated":
@@ -129,16 +131,18 @@ class GateSlabGuide(PyroModule):
         return (torch.sigmoid(logits) >= 0.5).to(loc.dtype)
 
     @torch.no_grad()
+    @own_params()
     def decision(self, features0: torch.Tensor) -> torch.Tensor:
         """``[n, T, B]`` 0/1 gate used at evaluation: the rule's ``G`` (gated), ``1[p ≥ 0.5]`` (stochastic),
         all ones without a spike."""
-        return self._decide(*self.components(features0))
+        return self.decide(*self.components(features0))
 
     @torch.no_grad()
+    @own_params()
     def point_coef(self, features0: torch.Tensor) -> torch.Tensor:
         """The deterministic evaluation coefficients ``coef = G · μ`` (METHOD §7), ``[n, T, B]``."""
         logits, loc, scale = self.components(features0)
-        return self._decide(logits, loc, scale) * loc
+        return self.decide(logits, loc, scale) * loc
 
 
 class AmortizedGuide(GateSlabGuide):

@@ -17,13 +17,15 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints, kl_divergence, register_kl
 from torch.distributions.utils import broadcast_all, lazy_property
 
+_EMPTY = torch.Size()
+
 
 class GateBernoulli(TorchDistribution):
     """``q(gate) = Bernoulli(sigmoid(logits))`` with reparameterised draws.
 
     A draw is a relaxed straight-through sample (exact 0/1 forward, gradient of
-    ``RelaxedBernoulli(temperature, logits)``), or the given gated ``decision`` (METHOD §4). ``log_prob`` is the
-    Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate.
+    ``RelaxedBernoulli(temperature, logits)``), or the given gated ``decision`` (METHOD §4). ``log_prob`` is
+    the Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate.
     """
 
     arg_constraints = {"logits": constraints.real}
@@ -59,7 +61,7 @@ class GateBernoulli(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
         if self.decision is not None:
             return self.decision.expand(self._extended_shape(sample_shape))
         temperature = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
@@ -76,34 +78,31 @@ class GateBernoulli(TorchDistribution):
 
 
 class SlabNormal(dist.Normal):
-    """``q(slab | gate)``: ``Normal(on_loc, on_scale)`` where the gate is on, the prior where it is off.
+    """``q(slab | gate)``: ``Normal(loc, scale)`` where the gate is on, the prior where it is off.
 
-    An unused slab then costs no KL, and the KL to the prior averaged over the gate is
-    ``inclusion · KL(N(on_loc, on_scale) ‖ prior)`` (registered below). ``loc``/``scale`` are those of the
-    sampling distribution; build one with :meth:`given_gate`.
+    Draws always come from ``Normal(loc, scale)``: where the gate is off the slab's value never reaches
+    ``coef = gate · slab``, so this represents the same family, and a straight-through gate gradient
+    (``∂coef/∂gate = slab``) asks what the coefficient would do if switched on. ``log_prob`` is the family's
+    density (``gate · log N(loc, scale) + (1 − gate) · log prior``), so under ``Trace_ELBO`` an unused slab
+    costs no KL; averaged over the gate the KL is ``inclusion · KL(N(loc, scale) ‖ prior)`` (registered
+    below).
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor,
-                 on_loc: torch.Tensor, on_scale: torch.Tensor, validate_args: bool | None = None):
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor, gate: torch.Tensor,
+                 prior_loc: torch.Tensor, prior_scale: torch.Tensor, validate_args: bool | None = None):
         super().__init__(loc, scale, validate_args=validate_args)
         shape = self.batch_shape
-        self.inclusion = inclusion.expand(shape)
-        self.on_loc = on_loc.expand(shape)
-        self.on_scale = on_scale.expand(shape)
+        self.inclusion, self.gate = inclusion.expand(shape), gate.expand(shape)
+        self.prior = dist.Normal(prior_loc.expand(shape), prior_scale.expand(shape), validate_args=False)
 
-    @classmethod
-    def given_gate(cls, gate: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor,
-                   prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> SlabNormal:
-        """The slab given a 0/1 ``gate`` (its value only: the gate's gradient flows through ``coef``)."""
-        on = gate.detach() > 0.5
-        loc, scale, prior_loc, prior_scale = broadcast_all(loc, scale, prior_loc, prior_scale)
-        return cls(torch.where(on, loc, prior_loc), torch.where(on, scale, prior_scale), inclusion, loc, scale)
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.gate * super().log_prob(value) + (1 - self.gate) * self.prior.log_prob(value)
 
     def expand(self, batch_shape: torch.Size, _instance: SlabNormal | None = None) -> SlabNormal:
-        batch_shape = torch.Size(batch_shape)
-        return SlabNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape),
-                          self.inclusion.expand(batch_shape), self.on_loc.expand(batch_shape),
-                          self.on_scale.expand(batch_shape), validate_args=False)
+        shape = torch.Size(batch_shape)
+        prior = self.prior.expand(shape)
+        return SlabNormal(self.loc.expand(shape), self.scale.expand(shape), self.inclusion.expand(shape),
+                          self.gate.expand(shape), prior.loc, prior.scale, validate_args=False)
 
 
 @register_kl(GateBernoulli, torch.distributions.Bernoulli)
@@ -113,5 +112,5 @@ def _kl_gate_bernoulli(q: GateBernoulli, p: torch.distributions.Bernoulli) -> to
 
 @register_kl(SlabNormal, torch.distributions.Normal)
 def _kl_slab_normal(q: SlabNormal, p: torch.distributions.Normal) -> torch.Tensor:
-    on = torch.distributions.Normal(q.on_loc, q.on_scale, validate_args=False)
-    return q.inclusion * kl_divergence(on, p)
+    slab = torch.distributions.Normal(q.loc, q.scale, validate_args=False)
+    return q.inclusion * kl_divergence(slab, p)

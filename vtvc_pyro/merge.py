@@ -71,17 +71,22 @@ def _triton_available() -> bool:
 
 def _torch_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
                       segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-    # One matrix-vector product per block segment (one in all for [T] coefficients), written straight
-    # into the output: reads (T+1)·P numbers, writes P, no Python loop over tasks or tensors.
+    # One matrix-vector product per block segment (per run of adjacent segments for [T] coefficients),
+    # written straight into the output: reads (T+1)·P numbers, writes P, no Python loop over tasks or tensors.
     out = base.clone()
     if coef.dim() == 1:
-        coef = coef[:, None]
-        segments = [(0, base.numel())]
+        runs: list[list[int]] = []
+        for start, stop in sorted(segments):
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = stop
+            else:
+                runs.append([start, stop])
+        coef, segments = coef[:, None].expand(-1, len(runs)), [(s, e) for s, e in runs]
     for b, (start, stop) in enumerate(segments):
         step = stop - start if vectors.dtype == torch.float32 else _CHUNK
         for s in range(start, stop, step):
             e = min(s + step, stop)
-            torch.addmv(out[s:e], vectors[:, s:e].t().to(torch.float32), coef[:, b], out=out[s:e])
+            out[s:e].addmv_(vectors[:, s:e].t().to(torch.float32), coef[:, b])
     return out
 
 

@@ -3,7 +3,8 @@ likelihood through the composed encoder and each sample's own task head."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
+from torch.utils.data import Dataset
 
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.priors import PriorSpec, as_prior
@@ -32,6 +34,14 @@ def require_finite(value: torch.Tensor, what: str, *, allow_neg_inf: bool = Fals
     if bad.any():
         raise NonFiniteError(f"{what} has {int(bad.sum())} non-finite value(s) of {value.numel()}")
     return value
+
+
+@contextlib.contextmanager
+def own_params() -> Iterator[None]:
+    """Run PyroModules on the parameters they hold (a fresh param-store scope): evaluation then never picks
+    up another fit's parameters stored under the same names. Also a decorator."""
+    with pyro.get_param_store().scope():
+        yield
 
 
 @dataclass
@@ -59,10 +69,25 @@ class Batch:
         if not 0 < n <= self.num_data:
             raise ValueError(f"Batch of {n} samples from num_data={self.num_data}")
 
-    def to(self, device: torch.device | str) -> Batch:
-        move = {k: getattr(self, k) for k in ("index", "images", "features0", "labels", "task")}
-        move = {k: None if v is None else v.to(device) for k, v in move.items()}
-        return Batch(**move, num_data=self.num_data)
+    @classmethod
+    def collate(cls, data: Dataset, positions: torch.Tensor, features0: torch.Tensor,
+                device: torch.device | str = "cpu") -> Batch:
+        """The batch of ``data`` items at ``positions`` (the positions, not the items' own index, are the
+        subsample); ``features0`` holds every item's pre-trained features."""
+        images, labels, task = collate_items(data, positions)
+        return cls(positions.to(device), images.to(device), features0[positions].to(device),
+                   labels.to(device), task.to(device), len(data))
+
+
+def collate_items(data: Dataset, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked ``(images, labels, task ids)`` of the items ``(index, image, label, task_id)`` at
+    ``positions``, as :class:`~vtvc_pyro.data.MultiTaskDataset` yields them."""
+    items = [data[i] for i in positions.tolist()]
+    if any(len(item) != 4 for item in items):
+        raise ValueError("dataset items must be (index, image, label, task_id) tuples")
+    images = torch.stack([torch.as_tensor(item[1]) for item in items])
+    labels = torch.tensor([int(item[2]) for item in items])
+    return images, labels, torch.tensor([int(item[3]) for item in items])
 
 
 class FrozenNetworks:
@@ -105,13 +130,13 @@ def observe(frozen: FrozenNetworks, batch: Batch, coef: torch.Tensor) -> torch.T
 
 
 class VTVCModel(PyroModule):
-    """Variational Task Vector Composition, the generative story (METHOD §2). For every sample ``n``, task ``t``
-    and block ``b``::
+    """Variational Task Vector Composition, the generative story (METHOD §2). For every sample ``n``,
+    task ``t`` and block ``b``::
 
-        pi[t, b]      ~ Beta(a, b)                      (only with a hyper-prior; else pi is fixed)
-        gate[n, t, b] ~ Bernoulli(pi[t, b])             (spike; RelaxedBernoulli if relaxed; absent if gaussian)
-        slab[n, t, b] ~ Normal(m[t, b], s[t, b])        (slab)
-        coef[n, t, b] = gate · slab                     (deterministic)
+        pi[t, b]      ~ Beta(a, b)                  (only with a hyper-prior; else pi is fixed)
+        gate[n, t, b] ~ Bernoulli(pi[t, b])         (spike; RelaxedBernoulli if relaxed; none if gaussian)
+        slab[n, t, b] ~ Normal(m[t, b], s[t, b])    (slab)
+        coef[n, t, b] = gate · slab                 (deterministic)
         obs[n]        ~ Categorical(logits = κ · H_task(n) · normalize(f(x_n; θ0 + Σ coef[n, t, b] τ_t^(b))))
 
     The encoder ``encoder(images, coef [n, T, B]) -> features [n, D]`` and the heads are frozen and kept

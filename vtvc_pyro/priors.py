@@ -1,4 +1,4 @@
-"""Declarative priors (METHOD §2): small frozen dataclasses, or the equivalent plain mapping a YAML config holds.
+"""Declarative priors (METHOD §2): small frozen dataclasses, or the equivalent plain mapping of a YAML config.
 
 ```yaml
 prior:
@@ -146,7 +146,8 @@ class PriorSpec:
             spike = [name for name in ("temperature", "pi_prior") if getattr(self, name) is not None]
             spike += [f"overrides[{i}].pi" for i, o in enumerate(self.overrides) if o.pi is not None]
             if spike:
-                raise ValueError(f"{spike[0]}: a gaussian prior has no spike; remove it or use spike_and_slab")
+                raise ValueError(f"{spike[0]}: a gaussian prior has no spike; remove it or use "
+                                 "spike_and_slab")
         for i, o in enumerate(self.overrides):
             if o.pi_prior is not None and self.pi_prior is None:
                 raise ValueError(f"overrides[{i}].pi_prior: needs a global prior.pi_prior to override")
@@ -174,9 +175,9 @@ class PriorSpec:
 
     def to_mapping(self) -> dict[str, Any]:
         """The plain mapping :meth:`from_mapping` reads back."""
+        pi_prior = None if self.pi_prior is None else dataclasses.asdict(self.pi_prior)
         out: dict[str, Any] = {"kind": self.kind, "pi": self.pi, "slab": dataclasses.asdict(self.slab),
-                               "temperature": self.temperature,
-                               "pi_prior": None if self.pi_prior is None else dataclasses.asdict(self.pi_prior)}
+                               "temperature": self.temperature, "pi_prior": pi_prior}
         out["overrides"] = []
         for o in self.overrides:
             entry: dict[str, Any] = {"tasks": o.tasks, "blocks": o.blocks}
@@ -246,7 +247,7 @@ class PriorSpec:
         return dist.Normal(params["slab_loc"], params["slab_scale"])
 
     def distributions(self, task_names: Sequence[str], block_names: Sequence[str]) -> dict[str, Any]:
-        """The prior of every latent site, batch shape ``[T, B]`` (``gate`` given the prior mean of ``pi``)."""
+        """The prior of every latent site, batch shape ``[T, B]`` (``gate`` at the prior mean of ``pi``)."""
         params = self.resolve(task_names, block_names)
         out: dict[str, Any] = {}
         if self.hierarchical:

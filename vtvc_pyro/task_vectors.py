@@ -375,12 +375,12 @@ class TaskVectorBank:
         return self._vectors[:, e.offset:e.offset + e.numel].view(self.num_tasks, *e.shape)
 
     def state_dict_from_flat(self, flat: torch.Tensor) -> StateDict:
-        """A full state dict (original key order, non-float entries included) whose float entries are
-        views of ``flat`` ``[P]``."""
+        """A full state dict (original key order) whose float entries are views of ``flat`` ``[P]``; the
+        non-float entries are copies of θ0's."""
         if flat.shape != (self.num_params,):
             raise ValueError(f"flat parameters must have shape [{self.num_params}], got {list(flat.shape)}")
         floats = {e.name: flat[e.offset:e.offset + e.numel].view(e.shape) for e in self._entries}
-        return {k: floats[k] if k in floats else self._extras[k] for k in self._state_keys}
+        return {k: floats[k] if k in floats else self._extras[k].clone() for k in self._state_keys}
 
     def pretrained_state_dict(self) -> StateDict:
         """θ0 as a full state dict (float entries float32, copied)."""

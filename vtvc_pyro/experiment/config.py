@@ -53,7 +53,9 @@ class ZooConfig:
     """Where the pre-trained encoder, task vectors, heads and data come from.
 
     Either an embedded ``preset`` ("default", "micro"), or real checkpoints: ``model`` (open_clip name),
-    ``pretrained`` and ``finetuned`` ({task: path}) files and a ``data_root`` with the standard datasets.
+    ``pretrained`` and ``finetuned`` ({task: path}) image-encoder files, the zero-shot heads (``heads``
+    files, or built from the text tower of the full CLIP weights in ``clip``) and a ``data_root`` with the
+    standard datasets (task names as in ``vtvc_pyro.standard_tasks``: MNIST, SVHN, ...).
     """
 
     preset: Literal["default", "micro"] | None = "default"
@@ -61,6 +63,10 @@ class ZooConfig:
     model: str | None = None
     pretrained: str | None = None
     finetuned: dict[str, str] = field(default_factory=dict)
+    clip: str | None = None
+    """Full CLIP weights (text tower included) to build the zero-shot heads from."""
+    heads: dict[str, str] = field(default_factory=dict)
+    """Ready-made head files ({task: path}, ``ClassificationHead.save`` format); used instead of ``clip``."""
     trust_pickle: bool = False
     data_root: str | None = None
     tasks: tuple[str, ...] | None = None
@@ -106,14 +112,15 @@ class SVISettings:
     steps: int = field(default=300, metadata=_POSITIVE)
     lr: float = field(default=5e-3, metadata=_POSITIVE)
     batch_size: int = field(default=64, metadata=_POSITIVE)
-    elbo: Literal["trace", "mean_field"] = "mean_field"
+    elbo: Literal["meanfield", "trace"] = "meanfield"
     num_particles: int = field(default=1, metadata=_POSITIVE)
     kl_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     kl_anneal_steps: int = field(default=0, metadata=_NON_NEGATIVE)
     lr_decay: float = field(default=0.1, metadata=_UNIT)
     """Total learning-rate decay over the run (ClippedAdam's ``lrd`` is derived from it)."""
     clip_norm: float = field(default=10.0, metadata=_POSITIVE)
-    checkpoint_every: int = field(default=50, metadata=_POSITIVE)
+    checkpoint_every: int = field(default=50, metadata=_NON_NEGATIVE)
+    """Write an SVI checkpoint every this many steps (0: only at the end); a rerun continues from it."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,6 @@ class ExperimentConfig:
 
     name: str = "experiment"
     seed: int = 0
-    device: str = "cpu"
     zoo: ZooConfig = field(default_factory=ZooConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     blocks: str | tuple[str, ...] = "tensor"
@@ -218,6 +224,7 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- overrides
 
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_0-9][A-Za-z0-9_\-]*)*$")
 
 
@@ -365,16 +372,19 @@ def digest(cfg: ExperimentConfig) -> str:
 def _validate(cfg: ExperimentConfig) -> None:
     """Checks across keys (those within one key are field metadata)."""
     zoo = cfg.zoo
+    real = ("model", "pretrained", "finetuned", "data_root", "clip", "heads")
     if zoo.preset is None:
-        missing = [k for k in ("model", "pretrained", "data_root") if getattr(zoo, k) is None]
-        if not zoo.finetuned:
-            missing.append("finetuned")
+        missing = [k for k in real[:4] if not getattr(zoo, k)]
+        if not zoo.clip and not zoo.heads:
+            missing.append("clip")
         if missing:
-            raise ConfigError(f"zoo.{missing[0]}: required when zoo.preset is null (real checkpoints)")
+            raise ConfigError(f"zoo.{missing[0]}: required when zoo.preset is null (real checkpoints)"
+                              + ("; or give zoo.heads" if missing[0] == "clip" else ""))
+        lacking = [t for t in zoo.finetuned if zoo.heads and t not in zoo.heads]
+        if lacking:
+            raise ConfigError(f"zoo.heads.{lacking[0]}: missing; give a head file for every task or none")
     else:
-        given = [k for k in ("model", "pretrained", "data_root") if getattr(zoo, k) is not None]
-        if zoo.finetuned:
-            given.append("finetuned")
+        given = [k for k in real if getattr(zoo, k)]
         if given:
             raise ConfigError(f"zoo.{given[0]}: only for real checkpoints; set zoo.preset: null to use it")
     if zoo.tasks is not None and len(set(zoo.tasks)) != len(zoo.tasks):
@@ -384,6 +394,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     if isinstance(cfg.blocks, str) and cfg.blocks not in ("tensor", "layer"):
         raise ConfigError(f"blocks: must be tensor, layer or a list of name patterns; got {cfg.blocks!r}")
     for name, variant in cfg.variants.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"variants.{name}: a variant name may hold letters, digits, '_' and '-' only")
         if name in METHODS:
             raise ConfigError(f"variants.{name}: a variant cannot take a built-in method's name")
         if variant.method not in FITTED_METHODS:
@@ -402,6 +414,13 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
     if "kind" not in cfg.prior:
         raise ConfigError("prior.kind: required (e.g. spike_and_slab, gaussian)")
+    from vtvc_pyro.priors import PriorSpec
+
+    try:
+        PriorSpec.from_mapping(cfg.prior)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("prior") else f"prior.{message}") from err
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

@@ -46,55 +46,44 @@ def inclusion_heatmap(
 
 
 def coefficient_distributions(
-    coef: np.ndarray, sample_task: np.ndarray, task_names: Sequence[str], path: str | os.PathLike,
-    title: str = "per-sample coefficients",
+    coef: np.ndarray, sample_group: np.ndarray, vector_names: Sequence[str], group_names: Sequence[str],
+    path: str | os.PathLike, title: str = "per-sample coefficients",
 ) -> None:
     """Left: per task vector, the distribution over samples of its block-averaged coefficient.
-    Right: the mean of that coefficient for the samples of each task (rows) and each task vector (columns)."""
+    Right: the mean of that coefficient over the samples of each group (rows: the samples' own task) and
+    each task vector (columns). ``coef`` is ``[N, T, B]``, ``sample_group`` ``[N]`` indexes ``group_names``."""
     coef = np.asarray(coef, dtype=float)
-    sample_task = np.asarray(sample_task)
-    if coef.ndim != 3 or coef.shape[1] != len(task_names) or coef.shape[0] != sample_task.shape[0]:
+    sample_group = np.asarray(sample_group)
+    if coef.ndim != 3 or coef.shape[1] != len(vector_names) or coef.shape[0] != sample_group.shape[0]:
         raise ValueError(
-            f"coef must be [N, T={len(task_names)}, B] with N = {sample_task.shape[0]}, got {coef.shape}"
+            f"coef must be [N, T={len(vector_names)}, B] with N = {sample_group.shape[0]}, got {coef.shape}"
         )
     per_vector = coef.mean(axis=2)  # [N, T]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 1.6 * len(task_names), 4.0))
-    left.violinplot([per_vector[:, t] for t in range(len(task_names))], showmeans=True)
-    left.set_xticks(range(1, len(task_names) + 1), task_names, rotation=45, ha="right")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(5.0 + 2.0 * len(vector_names), 4.5), layout="constrained")
+    left.violinplot([per_vector[:, t] for t in range(len(vector_names))], showmeans=True)
+    left.set_xticks(range(1, len(vector_names) + 1), vector_names, rotation=45, ha="right")
     left.set_ylabel("mean coefficient over blocks")
     left.set_title(title)
-    rows = [t for t in range(len(task_names)) if (sample_task == t).any()]
-    means = np.stack([per_vector[sample_task == t].mean(axis=0) for t in rows])
-    image = right.imshow(means, cmap="coolwarm", vmin=-np.abs(means).max(), vmax=np.abs(means).max())
-    right.set_yticks(range(len(rows)), [task_names[t] for t in rows])
-    right.set_xticks(range(len(task_names)), task_names, rotation=45, ha="right")
+    rows = [g for g in range(len(group_names)) if (sample_group == g).any()]
+    means = np.stack([per_vector[sample_group == g].mean(axis=0) for g in rows])
+    limit = max(float(np.abs(means).max()), 1e-6)
+    image = right.imshow(means, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+    right.set_yticks(range(len(rows)), [group_names[g] for g in rows])
+    right.set_xticks(range(len(vector_names)), vector_names, rotation=45, ha="right")
     right.set_ylabel("samples of task")
     right.set_xlabel("task vector")
     fig.colorbar(image, ax=right, fraction=0.046, pad=0.04)
     _save(fig, path)
 
 
-def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
-    """Equal-width confidence bins: (mean confidence, accuracy, count) per non-empty bin."""
-    confidence = np.asarray(confidence, dtype=float)
-    correct = np.asarray(correct, dtype=float)
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    counts = np.bincount(which, minlength=bins)
-    keep = counts > 0
-    conf = np.bincount(which, weights=confidence, minlength=bins)[keep] / counts[keep]
-    acc = np.bincount(which, weights=correct, minlength=bins)[keep] / counts[keep]
-    return conf, acc, counts[keep]
-
-
-def reliability_diagram(
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, bins: int = 15
-) -> None:
-    """Accuracy against confidence per method (``{method: (confidence [N], correct [N])}``)."""
+def reliability_diagram(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike,
+                        bins: int = 15) -> None:
+    """Accuracy against confidence per method: ``{method: {"confidence": [...], "accuracy": [...]}}`` with
+    one entry per non-empty bin (see :func:`vtvc_pyro.experiment.scoring.reliability_bins`)."""
     fig, ax = plt.subplots(figsize=(5.0, 5.0))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for method, (confidence, correct) in curves.items():
-        conf, acc, _ = reliability_curve(confidence, correct, bins)
-        ax.plot(conf, acc, marker="o", markersize=3, label=method)
+    for method, curve in curves.items():
+        ax.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=3, label=method)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")

@@ -14,7 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def environment_info() -> dict[str, Any]:
 
 
 class RunDirectory:
-    """One run's files. Per-method results live in ``methods/<name>.json``; the manifest says which are done."""
+    """One run's files. Per-method results are ``methods/<name>.json``; the manifest says which are done."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -94,8 +94,9 @@ class RunDirectory:
     def result_path(self, method: str) -> Path:
         return self.root / "methods" / f"{method}.json"
 
-    def checkpoint_path(self, method: str) -> Path:
-        return self.root / "checkpoints" / f"{method}.pt"
+    def checkpoint_path(self, method: str, problem: str) -> Path:
+        """The SVI checkpoint of ``method`` on one problem; a rerun continues from it."""
+        return self.root / "checkpoints" / method / f"{problem}.pt"
 
     def posterior_dir(self, method: str) -> Path:
         return self.root / "posteriors" / method
@@ -110,24 +111,24 @@ class RunDirectory:
 
     @classmethod
     def open(
-        cls, root: str | os.PathLike, config: dict[str, Any], config_digest: str, argv: Sequence[str],
+        cls, root: str | os.PathLike, config: dict[str, Any], config_digest: str, invocation: Mapping[str, Any],
         force: bool = False,
     ) -> RunDirectory:
-        """Create, resume (same config) or — with ``force`` — restart the run in ``root``."""
+        """Create, resume (same config) or — with ``force`` — restart the run in ``root``; ``invocation``
+        (argv, config path, overrides, ...) is appended to ``argv.json``."""
         run = cls(root)
         manifest = run.read_manifest()
         if manifest is None and run.root.is_dir() and any(run.root.iterdir()):
             raise RunDirectoryError(
                 f"{run.root}: exists and is not a vtvc run directory (no manifest.json); choose another --out"
             )
-        if manifest is not None and manifest.get("config_digest") != config_digest:
-            if not force:
-                old = yaml.safe_load((run.root / "config.yaml").read_text()) if (
-                    run.root / "config.yaml").is_file() else {}
-                raise RunDirectoryError(
-                    f"{run.root} holds a run with a different config ({config_differences(old, config)}); "
-                    "pick another --out, or pass --force to delete it and start over"
-                )
+        if manifest is not None and manifest.get("config_digest") != config_digest and not force:
+            previous = run.root / "config.yaml"
+            old = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
+            raise RunDirectoryError(
+                f"{run.root} holds a run with a different config ({config_differences(old, config)}); "
+                "pick another --out, or pass --force to delete it and start over"
+            )
         if force:
             run.clear()
             manifest = None
@@ -138,7 +139,7 @@ class RunDirectory:
         with atomic_write(run.root / "config.yaml") as handle:
             yaml.safe_dump(config, handle, sort_keys=False, width=110)
         history = run.read_json("argv.json") or {"invocations": []}
-        history["invocations"].append({"argv": list(argv), "started": _now(), "resumed": resumed})
+        history["invocations"].append({**invocation, "started": _now(), "resumed": resumed})
         write_json(run.root / "argv.json", history)
         write_json(run.root / "environment.json", environment_info())
         run.write_manifest(manifest)
@@ -185,10 +186,9 @@ class RunDirectory:
 
     def save_result(self, method: str, result: dict[str, Any]) -> None:
         """Write ``methods/<method>.json`` atomically, then record the method as done."""
-        write_json(self.result_path(method), result)
-        self._update_method(
-            method, status="done", finished=_now(), result=str(self.result_path(method).relative_to(self.root))
-        )
+        path = self.result_path(method)
+        write_json(path, result)
+        self._update_method(method, status="done", finished=_now(), result=str(path.relative_to(self.root)))
 
     def load_result(self, method: str) -> dict[str, Any]:
         with open(self.result_path(method)) as handle:

@@ -1,0 +1,222 @@
+"""Benchmark the sample-specific composed forward against the ways it replaces.
+
+For each model and batch size N, with T task vectors (random perturbations of a random-init tower):
+  plain      forward of the pre-trained tower on the batch (the unit of cost)
+  loop       per sample: ``bank.merge(coef[n])`` then a batch-1 ``functional_call`` (what prototypes do)
+  vmap       ``torch.func.vmap`` over ``functional_call`` with per-sample weights (N x P floats; skipped
+             when that exceeds --vmap-limit-gb)
+  compose    ``ComposedEncoder`` with k̄ active task vectors per block (mode auto, and mode composed)
+Every method runs in its own subprocess (the bank is saved once and read back), under ``torch.no_grad()``;
+times are medians over --repeats calls after one warm-up call; memory is the peak resident-set growth
+during those calls (``torch.cuda.max_memory_allocated`` on CUDA).
+
+    .venv/bin/python benchmarks/compose.py --models tiny --batch-sizes 32 --repeats 3
+    .venv/bin/python benchmarks/compose.py --models vit-b-32 --batch-sizes 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch.func import functional_call, vmap  # noqa: E402
+
+from vtvc_pyro import ComposedEncoder, TaskVectorBank  # noqa: E402
+
+TINY = dict(image_size=28, patch_size=4, width=128, layers=4, heads=4, mlp_ratio=4.0, output_dim=64)
+
+
+def build_tower(model: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model == "tiny":
+        from open_clip.transformer import VisionTransformer
+
+        return VisionTransformer(**TINY).eval()
+    import open_clip
+
+    names = {"vit-b-32": "ViT-B-32", "vit-b-16": "ViT-B-16", "vit-l-14": "ViT-L-14"}
+    return open_clip.create_model(names[model], pretrained=None).visual.eval()
+
+
+class Perturbed(Mapping):
+    """Fine-tuned stand-ins made one at a time on access: θ0 + 0.01·std(θ0)·noise per tensor."""
+
+    def __init__(self, state: dict[str, torch.Tensor], num_tasks: int) -> None:
+        self.state, self.names = state, [f"task{t}" for t in range(num_tasks)]
+
+    def __getitem__(self, task: str) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.names.index(task) + 1)
+        return {k: v + 0.01 * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=gen)
+                for k, v in self.state.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def coefficients(n: int, num_tasks: int, num_blocks: int, k: int) -> torch.Tensor:
+    """``[N, T, B]``: in every block exactly ``k`` tasks (chosen at random) are non-zero for every sample."""
+    gen = torch.Generator().manual_seed(k)
+    coef = torch.zeros(n, num_tasks, num_blocks)
+    for b in range(num_blocks):
+        tasks = torch.randperm(num_tasks, generator=gen)[:k]
+        coef[:, tasks, b] = 0.3 + 0.1 * torch.randn(n, k, generator=gen)
+    return coef
+
+
+def per_sample_params(bank: TaskVectorBank, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name: [N, *shape]}``: every sample's merged weights (N × P floats)."""
+    out = {}
+    for e in bank.entries:
+        tau = bank.vectors[:, e.offset:e.offset + e.numel].float()
+        flat = torch.addmm(bank.base[e.offset:e.offset + e.numel].unsqueeze(0), coef[:, :, e.block], tau)
+        out[e.name] = flat.view(-1, *e.shape)
+    return out
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def worker(spec: dict) -> dict:
+    """Run one method in this process; return its times and peak memory growth."""
+    device = torch.device(spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    visual = build_tower(spec["model"]).to(device)
+    bank = TaskVectorBank.load(spec["bank"], mmap=False, device=device)
+    visual.load_state_dict(bank.pretrained_state_dict())
+    n, method = spec["n"], spec["method"]
+    h, w = visual.image_size
+    images = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    coef = coefficients(n, bank.num_tasks, bank.num_blocks, spec["k"]).to(device)
+    if method == "plain":
+        def run():
+            return visual(images)
+    elif method == "loop":
+        def run():
+            return torch.cat([functional_call(visual, bank.merge(coef[i]), (images[i:i + 1],))
+                              for i in range(n)])
+    elif method == "vmap":
+        def one(params, image):
+            return functional_call(visual, params, (image.unsqueeze(0),)).squeeze(0)
+
+        def run():
+            return vmap(one)(per_sample_params(bank, coef), images)
+    else:
+        encoder = ComposedEncoder(visual, bank, mode=spec["mode"]).to(device)
+
+        def run():
+            return encoder(images, coef)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = _rss_kb("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
+                f.write("5")
+        run()
+        for _ in range(spec["repeats"]):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM") * 1024)
+    return {"times": times, "peak_mb": (peak - before) / 2**20}
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['method']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
+    visual = build_tower(model)
+    t0 = time.perf_counter()
+    bank = TaskVectorBank.from_state_dicts(visual.state_dict(), Perturbed(visual.state_dict(), args.tasks))
+    path = tmp / f"{model}.safetensors"
+    bank.save(path)
+    P, T, B = bank.num_params, bank.num_tasks, bank.num_blocks
+    print(f"\n### {model}: P = {P / 1e6:.2f} M parameters, T = {T}, B = {B} blocks (per tensor), "
+          f"device {args.device}, {args.threads or torch.get_num_threads()} threads (bank built in "
+          f"{time.perf_counter() - t0:.1f} s)")
+    for n in args.batch_sizes:
+        base = dict(model=model, bank=str(path), n=n, k=T, repeats=args.repeats, device=args.device,
+                    threads=args.threads, mode="auto")
+        runs = [("plain", "-", base | {"method": "plain"}), ("loop", "-", base | {"method": "loop"})]
+        if n * P * 4 <= args.vmap_limit_gb * 2**30:
+            runs.append(("vmap", "-", base | {"method": "vmap"}))
+        else:
+            print(f"vmap skipped at N = {n}: per-sample weights need {n * P * 4 / 2**30:.1f} GiB "
+                  f"(> --vmap-limit-gb {args.vmap_limit_gb})")
+        for mode in args.modes:
+            for k in args.densities:
+                runs.append((f"compose ({mode})", k, base | {"method": "compose", "mode": mode, "k": k}))
+        results = {}
+        print(f"\nN = {n}: median of {args.repeats} (min-max), speed-up = loop time / time")
+        print("| method | k̄ | time s | × plain | (1+k̄)·plain ratio | speed-up vs loop | peak extra RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, k, spec in runs:
+            res = run_worker(spec)
+            med = statistics.median(res["times"])
+            results[(label, k)] = med
+            plain, loop = results.get(("plain", "-"), med), results.get(("loop", "-"))
+            bound = f"{med / ((1 + k) * plain):.2f}" if k != "-" else ""
+            speedup = f"{loop / med:.1f}×" if loop else ""
+            print(f"| {label} | {k} | {med:.3f} ({min(res['times']):.3f}-{max(res['times']):.3f}) | "
+                  f"{med / plain:.2f} | {bound} | {speedup} | {res['peak_mb']:.0f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    split = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
+    parser.add_argument("--models", type=split(str), default=["tiny", "vit-b-32"],
+                        help="comma-separated: tiny, vit-b-32, vit-b-16, vit-l-14")
+    parser.add_argument("--batch-sizes", type=split(int), default=[32, 64])
+    parser.add_argument("--densities", type=split(int), default=[1, 2, 8], help="k̄ values")
+    parser.add_argument("--modes", type=split(str), default=["auto", "composed"])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vmap-limit-gb", type=float, default=4.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if max(args.densities) > args.tasks:
+        parser.error(f"--densities must not exceed --tasks ({args.tasks})")
+    with tempfile.TemporaryDirectory(prefix="vtvc-bench-") as tmp:
+        for model in args.models:
+            bench_model(model, args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Merge benchmark: a ViT-B-32-sized bank (T = 8 task vectors), per-block coefficients.
+
+Times, in one run and on the same data:
+  fused    bank.merge(coef): one matrix-vector product per block segment of the flat [T, P] buffer
+           (torch path on CPU; the fused Triton kernel on CUDA)
+  naive    the per-tensor formula θ0[k] + Σ_t coef[t, b(k)] · τ_t[k], one tensor and one task at a time,
+           as the task-arithmetic codebases apply task vectors (out-of-place arithmetic on state dicts)
+  copy     the bandwidth reference: Tensor.copy_ moving the same number of bytes as a merge. A merge reads
+           (T+1)·P·4 bytes and writes P·4, i.e. (T+2)·P·4 bytes in all; the copy reads and writes
+           (T+2)·P·2 bytes each (its source is a slice of the task-vector buffer, so it is not in cache).
+           "share of copy bandwidth" = copy time / fused time.
+
+Run: .venv/bin/python benchmarks/merge.py [--tasks 8] [--repeats 7] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+
+from vtvc_pyro import TaskVectorBank  # noqa: E402
+
+
+class Perturbed(Mapping):
+    """θ0 plus small Gaussian noise, generated on access (one fine-tuned copy in memory at a time)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], seed: int, scale: float = 1e-3) -> None:
+        self.base, self.seed, self.scale = base, seed, scale
+        self.index = {k: i for i, k in enumerate(base)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        v = self.base[key]
+        if not v.is_floating_point():
+            return v
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.index[key])
+        return v + self.scale * torch.randn(v.shape, generator=gen)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Time every method once per round, round after round, so that load from other processes on a shared
+    machine hits all of them alike; the first round is a warm-up (allocator, Triton compilation)."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for round_ in range(repeats + 1):
+        for name, fn in methods.items():
+            seconds = timed(fn, device)
+            if round_:
+                times[name].append(seconds)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    theta0 = open_clip.create_model(args.model, pretrained=None).visual.state_dict()
+    tasks = {f"task{t}": Perturbed(theta0, seed=t) for t in range(args.tasks)}
+    bank = TaskVectorBank.from_state_dicts(theta0, tasks).to(device)
+    T, P, B = bank.num_tasks, bank.num_params, bank.num_blocks
+    coef = torch.rand(T, B, generator=torch.Generator().manual_seed(1)).to(device)
+
+    base = {k: bank.pretrained_tensor(k) for k in bank.param_names}
+    taus = [{k: bank.task_vector(k)[t] for k in bank.param_names} for t in range(T)]
+    blocks = {k: bank.block_index(k) for k in bank.param_names}
+    coef_list = coef.tolist()
+
+    def naive() -> dict:
+        return {k: base[k] + sum(coef_list[t][blocks[k]] * taus[t][k] for t in range(T)) for k in base}
+
+    fused_sd = bank.merge(coef)
+    naive_sd = naive()
+    error = max((fused_sd[k] - naive_sd[k]).abs().max().item() for k in base)
+    del fused_sd, naive_sd
+
+    half = (T + 2) * P // 2
+    source = bank.vectors.view(-1)[:half]
+    target = torch.empty(half, dtype=torch.float32, device=device)
+
+    times = interleaved({"fused": lambda: bank.merge(coef), "naive": naive,
+                         "copy": lambda: target.copy_(source)}, args.repeats, device)
+    moved = (T + 2) * P * 4
+    print(f"{args.model}: T={T}, P={P:,}, B={B} blocks, {device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved rounds; max |fused - naive| = {error:.2e}")
+    print(f"{'':8s}{'time (s)':>10s}{'GB/s':>8s}")
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"{name:8s}{median:10.3f}{moved / median / 1e9:8.2f}")
+    speedup = statistics.median(n / f for n, f in zip(times["naive"], times["fused"], strict=True))
+    share = statistics.median(c / f for c, f in zip(times["copy"], times["fused"], strict=True))
+    print(f"fused vs naive: {speedup:.1f}x faster (median of per-round ratios)")
+    print(f"share of copy bandwidth: {share:.0%} (median of per-round copy time / fused time)")
+
+
+if __name__ == "__main__":
+    main()

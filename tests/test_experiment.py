@@ -1,0 +1,343 @@
+"""`vtvc run` end to end on the micro zoo (run directory, metrics, posteriors, plots, resume, refusal,
+--force, knowledge transfer) and the experiment helpers against hand-worked values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import vtvc_pyro.experiment.methods as methods_module
+from vtvc_pyro import cli
+from vtvc_pyro.evaluate import expected_calibration_error
+from vtvc_pyro.experiment import plots
+from vtvc_pyro.experiment.config import METHODS
+from vtvc_pyro.experiment.figures import load_samples
+from vtvc_pyro.experiment.methods import METHOD_FUNCTIONS, gaussian_prior
+from vtvc_pyro.experiment.report import summarize
+from vtvc_pyro.experiment.rundir import RunDirectory, RunDirectoryError
+from vtvc_pyro.experiment.runner import execution_order, run_experiment
+from vtvc_pyro.experiment.scoring import CoefficientStats, reliability_bins
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.yaml"
+SMOKE_CFG = yaml.safe_load(SMOKE.read_text())
+TEST_CAP = SMOKE_CFG["protocol"]["max_test_per_task"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern)) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(micro_zoo, tmp_path_factory) -> Path:
+    """The smoke config run once through the CLI, as a user would."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    cli.main(["run", str(SMOKE), "--out", str(out)])
+    return out
+
+
+# ---------------------------------------------------------------- the smoke run
+
+
+def test_run_directory_holds_every_artifact(smoke_run):
+    for name in ("config.yaml", "argv.json", "environment.json", "run.log", "manifest.json", "metrics.json",
+                 "table.md", "table.csv"):
+        assert (smoke_run / name).is_file(), name
+    assert sorted(p.stem for p in (smoke_run / "methods").glob("*.json")) == sorted(METHODS)
+    for method in ("vtvc", "vtvc_stochastic", "vtvc_gaussian"):
+        for name in ("samples.safetensors", "task_coef.safetensors", "fitted.safetensors", "components.csv",
+                     "elbo.csv"):
+            assert (smoke_run / "posteriors" / method / "all" / name).is_file(), (method, name)
+    for name in ("accuracy", "reliability", "vtvc_inclusion", "vtvc_active", "vtvc_coefficients",
+                 "vtvc_stochastic_inclusion", "vtvc_gaussian_coefficients"):
+        assert (smoke_run / "plots" / f"{name}.png").read_bytes()[:8] == PNG, name
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    assert {m: e["status"] for m, e in manifest["methods"].items()} == {m: "done" for m in METHODS}
+    assert "completed" in manifest
+    resolved = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert resolved["svi"]["steps"] == SMOKE_CFG["svi"]["steps"] and resolved["guide"]["gating"] == "gated"
+    environment = json.loads((smoke_run / "environment.json").read_text())
+    assert {"python", "torch", "open_clip_torch", "pyro-ppl", "vtvc_pyro"} <= set(environment["versions"])
+    assert "git_commit" in environment
+    invocation = json.loads((smoke_run / "argv.json").read_text())["invocations"][0]
+    assert invocation["config"] == str(SMOKE) and invocation["resumed"] is False
+    assert "[10/10] vtvc_merged" in (smoke_run / "run.log").read_text()
+
+
+def test_metrics_schema_and_derived_numbers(smoke_run):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    tasks = metrics["tasks"]
+    assert tasks == ["mnist", "textures", "scenes"] and metrics["protocol"] == "task_addition"
+    assert list(metrics["methods"]) == list(METHODS)
+    reference = metrics["finetuned_accuracy"]
+    for method, row in metrics["methods"].items():
+        assert set(row) >= {"tasks", "mean_accuracy", "mean_normalized_accuracy", "nll", "ece", "sparsity",
+                            "active_per_block", "fit_seconds", "eval_seconds", "details"}, method
+        for task in tasks:
+            m = row["tasks"][task]
+            assert m["n"] == TEST_CAP
+            assert 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1 and m["nll"] > 0
+            # accuracies of n = 40 samples are multiples of 1/40
+            assert m["accuracy"] * TEST_CAP == pytest.approx(round(m["accuracy"] * TEST_CAP))
+            assert m["normalized_accuracy"] == pytest.approx(m["accuracy"] / reference[task])
+        assert row["mean_accuracy"] == pytest.approx(sum(row["tasks"][t]["accuracy"] for t in tasks) / 3)
+        assert row["mean_normalized_accuracy"] == pytest.approx(
+            sum(row["tasks"][t]["accuracy"] / reference[t] for t in tasks) / 3)
+        assert row["fit_seconds"] >= 0 and row["eval_seconds"] > 0
+    assert metrics["methods"]["finetuned"]["mean_normalized_accuracy"] == pytest.approx(1.0)
+    assert metrics["methods"]["zeroshot"]["sparsity"] is None
+    alpha = metrics["methods"]["task_arithmetic"]["details"]["all"]["alpha"]
+    assert alpha in SMOKE_CFG["protocol"]["alpha_grid"]
+    # task arithmetic's coefficients are α everywhere: all zero iff α = 0, else all T = 3 vectors active
+    assert metrics["methods"]["task_arithmetic"]["sparsity"] == (1.0 if alpha == 0 else 0.0)
+    assert metrics["methods"]["task_arithmetic"]["active_per_block"] == (0.0 if alpha == 0 else 3.0)
+    for method in ("vtvc", "vtvc_stochastic", "vtvc_gaussian", "atlas", "metanet"):
+        assert metrics["methods"][method]["details"]["all"]["steps"] == SMOKE_CFG["svi"]["steps"]
+        assert 0 <= metrics["methods"][method]["sparsity"] <= 1
+    table = (smoke_run / "table.csv").read_text().splitlines()
+    assert table[0].split(",")[:4] == ["method", "accuracy.mnist", "accuracy.textures", "accuracy.scenes"]
+    assert [line.split(",")[0] for line in table[1:]] == list(METHODS)
+    first = dict(zip(table[0].split(","), table[1].split(","), strict=True))
+    assert float(first["mean_accuracy"]) == pytest.approx(metrics["methods"]["zeroshot"]["mean_accuracy"])
+    markdown = (smoke_run / "table.md").read_text()
+    assert "| vtvc_merged |" in markdown and "mean norm. acc" in markdown
+
+
+def _subset(dataset, limit: int, seed: int = 0):
+    """The seeded test subset, re-derived here from the protocol (first ``limit`` of a seeded permutation)."""
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    images = torch.stack([dataset[int(i)][0] for i in keep])
+    labels = torch.tensor([dataset[int(i)][1] for i in keep])
+    return images, labels
+
+
+@torch.no_grad()
+def test_merged_baselines_match_a_direct_evaluation(smoke_run, micro_zoo):
+    """Zero-shot, fine-tuned and task-arithmetic accuracies recomputed with plain open_clip calls."""
+    from vtvc_pyro.checkpoints import load_state_dict
+
+    metrics = json.loads((smoke_run / "metrics.json").read_text())["methods"]
+    alpha = metrics["task_arithmetic"]["details"]["all"]["alpha"]
+    theta0 = load_state_dict(micro_zoo.pretrained_path)
+    finetuned = {t: load_state_dict(p) for t, p in micro_zoo.finetuned_paths.items()}
+    merged = {k: v + alpha * sum(finetuned[t][k] - v for t in finetuned) if v.is_floating_point() else v
+              for k, v in theta0.items()}
+    visual = micro_zoo.create_model().visual.eval()
+    for task in micro_zoo.task_names:
+        images, labels = _subset(micro_zoo.split(task, "test"), TEST_CAP)
+        head = micro_zoo.heads[task]
+        for method, state in (("zeroshot", theta0), ("finetuned", finetuned[task]), ("task_arithmetic", merged)):
+            visual.load_state_dict(state)
+            accuracy = (head(visual(images)).argmax(-1) == labels).double().mean().item()
+            assert metrics[method]["tasks"][task]["accuracy"] == pytest.approx(accuracy), (method, task)
+
+
+def test_posterior_files_are_consistent(smoke_run):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())["methods"]
+    samples, meta = load_samples(smoke_run / "posteriors" / "vtvc" / "all" / "samples.safetensors")
+    assert meta["task_names"] == meta["data_tasks"] == ["mnist", "textures", "scenes"]
+    n, t, b = samples["coef"].shape
+    assert (n, t, b) == (3 * TEST_CAP, 3, len(meta["block_names"]))
+    assert set(samples["gate"].unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(samples["coef"], samples["gate"] * samples["loc"])
+    assert (samples["scale"] > 0).all() and ((samples["inclusion"] >= 0) & (samples["inclusion"] <= 1)).all()
+    for k, task in enumerate(meta["data_tasks"]):
+        rows = samples["task"] == k
+        accuracy = samples["correct"][rows].double().mean().item()
+        assert accuracy == pytest.approx(metrics["vtvc"]["tasks"][task]["accuracy"])
+    assert metrics["vtvc"]["sparsity"] == pytest.approx((samples["coef"] == 0).double().mean().item())
+    task_coef = load_file(str(smoke_run / "posteriors" / "vtvc" / "all" / "task_coef.safetensors"))
+    assert sorted(task_coef) == sorted(meta["data_tasks"]) and task_coef["mnist"].shape == (t, b)
+    gaussian, _ = load_samples(smoke_run / "posteriors" / "vtvc_gaussian" / "all" / "samples.safetensors")
+    assert (gaussian["inclusion"] == 1).all() and (gaussian["gate"] == 1).all()
+    fitted = load_file(str(smoke_run / "posteriors" / "vtvc" / "all" / "fitted.safetensors"))
+    assert fitted and all(torch.isfinite(v).all() for v in fitted.values() if v.is_floating_point())
+    elbo = (smoke_run / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
+    assert elbo[0] == "step,elbo_per_datum" and len(elbo) == 1 + SMOKE_CFG["svi"]["steps"]
+
+
+def test_rerun_with_the_same_config_recomputes_nothing(smoke_run):
+    before = mtimes(smoke_run, "methods/*.json") | mtimes(smoke_run, "posteriors/**/*")
+    run_experiment(SMOKE, out=smoke_run, progress=False)
+    assert mtimes(smoke_run, "methods/*.json") | mtimes(smoke_run, "posteriors/**/*") == before
+    invocations = json.loads((smoke_run / "argv.json").read_text())["invocations"]
+    assert [i["resumed"] for i in invocations] == [False, True]
+    assert "finished in an earlier invocation; kept" in (smoke_run / "run.log").read_text()
+
+
+def test_a_different_config_is_refused(smoke_run, capsys):
+    before = mtimes(smoke_run, "**/*.json")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(SMOKE), "--out", str(smoke_run), "--svi.steps=7"])
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    assert "holds a run with a different config" in message and "svi.steps: 6 → 7" in message
+    assert "--force" in message and "--out" in message
+    assert mtimes(smoke_run, "**/*.json") == before
+
+
+# ---------------------------------------------------------------- resume, force, knowledge transfer
+
+SUBSET = ["--methods=[zeroshot, finetuned, task_arithmetic, vtvc]"]
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
+    """Ctrl-C during vtvc's SVI (after its step-2 checkpoint): finished methods are kept, vtvc continues
+    from step 2 and ends exactly where an uninterrupted fit ends."""
+    original = methods_module.fit_svi
+
+    def interrupted(*args, **kwargs):
+        def stop(info):
+            if info.step == 3:
+                raise Interrupt
+
+        return original(*args, **kwargs, callback=stop)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(methods_module, "fit_svi", interrupted)
+    with pytest.raises(Interrupt):
+        run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())["methods"]
+    assert {m: e["status"] for m, e in manifest.items()} == {
+        "finetuned": "done", "zeroshot": "done", "task_arithmetic": "done", "vtvc": "running"}
+    assert (out / "checkpoints" / "vtvc" / "all.pt").is_file()
+    assert not (out / "metrics.json").exists()
+    kept = mtimes(out, "methods/*.json")
+
+    monkeypatch.setattr(methods_module, "fit_svi", original)
+    run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    assert {k: v for k, v in mtimes(out, "methods/*.json").items() if k in kept} == kept
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert list(metrics) == ["zeroshot", "finetuned", "task_arithmetic", "vtvc"]
+    assert metrics["vtvc"]["details"]["all"]["resumed_from_step"] == 2
+    resumed = (out / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
+    uninterrupted = (smoke_run / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
+    assert [float(r.split(",")[1]) for r in resumed[1:]] == pytest.approx(
+        [float(r.split(",")[1]) for r in uninterrupted[1:]], rel=1e-5)
+
+
+def test_force_starts_over_and_keeps_foreign_files(micro_zoo, tmp_path):
+    out = tmp_path / "run"
+    quick = ["--methods=[zeroshot, finetuned]"]
+    run_experiment(SMOKE, quick, out=out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "methods" / "stale.json").write_text("{}")
+    first = mtimes(out, "methods/*.json")
+    with pytest.raises(RunDirectoryError, match="different config"):
+        run_experiment(SMOKE, [*quick, "--seed=1"], out=out, progress=False)
+    run_experiment(SMOKE, [*quick, "--seed=1"], out=out, force=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "methods" / "stale.json").exists()
+    second = mtimes(out, "methods/*.json")
+    assert sorted(second) == ["methods/finetuned.json", "methods/zeroshot.json"]
+    assert all(second[k] != first[k] for k in second)
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
+    assert len(json.loads((out / "argv.json").read_text())["invocations"]) == 1
+
+
+def test_knowledge_transfer_composes_the_other_tasks(micro_zoo, tmp_path):
+    out = run_experiment(SMOKE, [*SUBSET, "--protocol.name=knowledge_transfer", "--protocol.targets=[scenes]",
+                                 "--protocol.max_fit_per_task=32"], out=tmp_path / "kt", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["scenes"] and metrics["protocol"] == "knowledge_transfer"
+    samples, meta = load_samples(out / "posteriors" / "vtvc" / "scenes" / "samples.safetensors")
+    assert meta["task_names"] == ["mnist", "textures"] and meta["data_tasks"] == ["scenes"]
+    assert samples["coef"].shape[:2] == (TEST_CAP, 2)
+    elbo = (out / "posteriors" / "vtvc" / "scenes" / "elbo.csv").read_text().splitlines()
+    assert len(elbo) == 1 + SMOKE_CFG["svi"]["steps"]
+    assert (out / "plots" / "vtvc_scenes_coefficients.png").read_bytes()[:8] == PNG
+    assert metrics["methods"]["finetuned"]["mean_normalized_accuracy"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- helpers against hand-worked values
+
+
+def test_run_directory_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "thesis.tex").write_text("x")
+    with pytest.raises(RunDirectoryError, match="is not a vtvc run directory"):
+        RunDirectory.open(tmp_path, {"seed": 0}, "abc", {"argv": []})
+    run = RunDirectory.open(tmp_path / "new", {"seed": 0, "svi": {"lr": 0.1}}, "abc", {"argv": []})
+    run.save_result("zeroshot", {"tasks": {}})
+    assert run.is_done("zeroshot") and not run.is_done("vtvc")
+    with pytest.raises(RunDirectoryError, match=r"seed: 0 → 1; svi\.lr: 0\.1 → 0\.2"):
+        RunDirectory.open(tmp_path / "new", {"seed": 1, "svi": {"lr": 0.2}}, "def", {"argv": []})
+
+
+def test_summarize_normalises_by_the_finetuned_accuracy():
+    def m(acc):
+        return {"accuracy": acc, "nll": 2 * acc, "ece": acc / 10, "n": 10}
+
+    results = {"a": {"tasks": {"x": m(0.5), "y": m(0.2)}, "sparsity": 0.25, "fit_seconds": 1.0},
+               "b": {"tasks": {"x": m(1.0), "y": m(0.4)}}}
+    rows = summarize(results, ["x", "y"], {"x": 1.0, "y": 0.4})
+    assert rows["a"]["tasks"]["y"]["normalized_accuracy"] == pytest.approx(0.5)
+    assert rows["a"]["mean_accuracy"] == pytest.approx(0.35)
+    assert rows["a"]["mean_normalized_accuracy"] == pytest.approx(0.5)
+    assert rows["a"]["nll"] == pytest.approx(0.7) and rows["a"]["ece"] == pytest.approx(0.035)
+    assert rows["b"]["mean_normalized_accuracy"] == pytest.approx(1.0)
+    assert rows["a"]["sparsity"] == 0.25 and rows["b"]["sparsity"] is None
+
+
+def test_reliability_bins_by_hand_and_against_ece():
+    confidence = torch.tensor([0.55, 0.6, 0.95, 1.0, 0.72, 0.51], dtype=torch.float64)
+    correct = torch.tensor([True, False, True, True, False, True])
+    curve = reliability_bins(confidence, correct, bins=10)
+    assert curve["count"] == [3, 1, 2]  # bins (.5, .6], (.7, .8], (.9, 1]
+    assert curve["confidence"] == pytest.approx([(0.55 + 0.6 + 0.51) / 3, 0.72, 0.975])
+    assert curve["accuracy"] == pytest.approx([2 / 3, 0.0, 1.0])
+    # the same bins give evaluate's ECE: two classes, class 0 predicted with probability `confidence`
+    probs = torch.stack([confidence, 1 - confidence], dim=1)
+    labels = torch.where(correct, 0, 1)
+    ece = sum(c / 6 * abs(a - m) for c, a, m in zip(curve["count"], curve["accuracy"], curve["confidence"],
+                                                      strict=True))
+    assert expected_calibration_error(probs, labels, num_bins=10) == pytest.approx(ece)
+
+
+def test_coefficient_stats_by_hand():
+    coef = torch.tensor([[[0.0, 1.0], [0.5, 0.0], [0.0, 0.0]],   # sample 1: blocks have 1 and 1 active
+                         [[2.0, 1.0], [0.5, 3.0], [0.0, 1.0]]])  # sample 2: blocks have 2 and 3 active
+    stats = CoefficientStats().add(coef).summary()
+    assert stats["sparsity"] == pytest.approx(5 / 12)
+    assert stats["active_per_block"] == pytest.approx((1 + 1 + 2 + 3) / 4)
+    merged = CoefficientStats().add(coef[:1]).merge(CoefficientStats().add(coef[1:])).summary()
+    assert merged == pytest.approx(stats)
+    assert CoefficientStats().summary() == {"sparsity": None, "active_per_block": None}
+
+
+def test_method_registry_and_execution_order():
+    assert set(METHOD_FUNCTIONS) == set(METHODS)
+    assert execution_order(["vtvc_merged", "vtvc", "zeroshot"]) == ["finetuned", "vtvc", "zeroshot", "vtvc_merged"]
+    assert execution_order(list(METHODS)) == list(METHODS[1:2]) + [METHODS[0], *METHODS[2:]]
+
+
+def test_gaussian_prior_keeps_the_slab_and_drops_the_spike():
+    prior = {"kind": "spike_and_slab", "pi": 0.3, "temperature": 0.5, "slab": {"loc": 0.1, "scale": 2.0},
+             "overrides": [{"tasks": "mnist", "pi": 0.9}, {"blocks": "proj", "pi": 0.2, "slab": {"scale": 0.5}}]}
+    assert gaussian_prior(prior) == {"kind": "gaussian", "slab": {"loc": 0.1, "scale": 2.0},
+                                     "overrides": [{"blocks": "proj", "slab": {"scale": 0.5}}]}
+
+
+def test_plots_from_plain_data(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    prob = torch.rand(3, 7, generator=rng).numpy()
+    plots.inclusion_heatmap(prob, ["a", "b", "c"], [f"blk{i}" for i in range(7)], tmp_path / "h.png")
+    coef = torch.randn(12, 3, 7, generator=rng).numpy()
+    plots.coefficient_distributions(coef, torch.arange(12).remainder(2).numpy(), ["a", "b", "c"], ["a", "b"],
+                                    tmp_path / "c.png")
+    plots.reliability_diagram({"m": {"confidence": [0.2, 0.8], "accuracy": [0.1, 0.9]}}, tmp_path / "r.png")
+    plots.accuracy_bars({"m": {"a": 0.5, "b": math.nan}, "n": {"a": 0.7, "b": 0.2}}, tmp_path / "a.png")
+    for name in ("h", "c", "r", "a"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG
+    assert not list(tmp_path.glob(".*.tmp*")), "temporary files left behind"
+    with pytest.raises(ValueError, match=r"prob has shape \(3, 7\), expected \(2, 7\)"):
+        plots.inclusion_heatmap(prob, ["a", "b"], [f"blk{i}" for i in range(7)], tmp_path / "x.png")

@@ -1,0 +1,221 @@
+"""Model and guide: site structure, the registered analytic KLs against closed forms, the KL's gradient,
+mini-batch scaling, KL annealing, and which parameters reach Pyro's param store."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from planted import planted_problem
+from pyro import poutine
+from pyro.poutine.util import is_validation_enabled
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+from torch.distributions import kl_divergence
+from torch.testing import assert_close
+
+from vtvc_pyro.guide import AmortizedGuide, TaskLevelGuide
+from vtvc_pyro.kl import GateBernoulli, SlabNormal
+from vtvc_pyro.model import Batch, VTVCModel
+
+PRIORS = {
+    "spike_and_slab": {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}},
+    "gaussian": {"kind": "gaussian"},
+    "hierarchical": {"kind": "spike_and_slab", "pi_prior": {"a": 2.0, "b": 2.0}},
+    "relaxed": {"kind": "spike_and_slab", "temperature": 0.5},
+}
+EXPECTED_LATENTS = {"spike_and_slab": ["gate", "slab"], "gaussian": ["slab"], "hierarchical": ["pi", "gate", "slab"],
+                    "relaxed": ["gate", "slab"]}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return planted_problem(num_per_task=8)
+
+
+def make(problem, prior="spike_and_slab", gating="gated", guide_cls=AmortizedGuide, **kwargs):
+    prior = PRIORS[prior]
+    model = VTVCModel(problem.encoder, problem.heads, prior, problem.task_names, problem.block_names)
+    if guide_cls is AmortizedGuide:
+        guide = AmortizedGuide(problem.encoder.base.shape[1], problem.task_names, problem.block_names, prior,
+                               gating=gating, **kwargs)
+    else:
+        guide = TaskLevelGuide(problem.task_names, problem.block_names, prior, gating=gating, **kwargs)
+    return model, guide
+
+
+def batch_of(problem, model, positions):
+    images = torch.stack([problem.data[i][1] for i in positions])
+    labels = torch.tensor([problem.data[i][2] for i in positions])
+    task = torch.tensor([problem.data[i][3] for i in positions])
+    return Batch(torch.tensor(positions), images, model.frozen.features0(images), labels, task, len(problem.data))
+
+
+def latent_sites(trace):
+    return [(name, tuple(site["value"].shape)) for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["name"] in ("data", "tasks", "blocks")]
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("guide_cls", [AmortizedGuide, TaskLevelGuide])
+def test_model_and_guide_have_the_same_latent_sites_in_the_same_order(problem, prior, guide_cls):
+    gating = "stochastic" if prior == "relaxed" else "gated"
+    model, guide = make(problem, prior, gating, guide_cls)
+    batch = batch_of(problem, model, [0, 3, 9, 17, 20])
+    guide_trace = poutine.trace(guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    shape = (5, 3, 2)
+    expected = [(name, (3, 2) if name == "pi" else shape) for name in EXPECTED_LATENTS[prior]]
+    assert latent_sites(guide_trace) == expected
+    assert latent_sites(model_trace) == expected
+    model_sites = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and n not in
+                   ("data", "tasks", "blocks")]
+    assert model_sites == [name for name, _ in expected] + ["coef", "obs"]
+    slab = model_trace.nodes["slab"]["value"]
+    gate = model_trace.nodes["gate"]["value"] if "gate" in model_trace.nodes else torch.ones_like(slab)
+    assert_close(model_trace.nodes["coef"]["value"], gate * slab)
+    assert model_trace.nodes["obs"]["value"].shape == (5, 1, 1)
+
+
+def test_obs_uses_each_samples_own_head(problem):
+    model, guide = make(problem)
+    batch = batch_of(problem, model, [0, 9, 17])  # one sample of each task
+    coef = torch.rand(3, 3, 2)
+    conditioned = poutine.condition(model, data={"gate": torch.ones(3, 3, 2), "slab": coef})
+    trace = poutine.trace(conditioned).get_trace(batch)
+    features = problem.encoder(batch.images, coef)
+    for n, task in enumerate(batch.task.tolist()):
+        head = problem.heads[problem.task_names[task]]
+        expected = torch.log_softmax(head(features[n:n + 1])[0], -1)
+        logits = trace.nodes["obs"]["fn"].logits[n, 0, 0]
+        assert_close(logits[: head.num_classes], expected)
+
+
+def test_gate_kl_matches_the_bernoulli_closed_form():
+    logits = torch.tensor([-3.0, -0.4, 0.0, 1.2, 4.0])
+    pi = torch.tensor([0.5, 0.2, 0.9, 0.5, 0.01])
+    p = torch.sigmoid(logits)
+    # KL(Bern(p) ‖ Bern(π)) = p log(p/π) + (1 − p) log((1 − p)/(1 − π))
+    expected = p * (p / pi).log() + (1 - p) * ((1 - p) / (1 - pi)).log()
+    kl = kl_divergence(GateBernoulli(logits), torch.distributions.Bernoulli(probs=pi))
+    assert_close(kl, expected)
+
+
+def test_slab_kl_is_the_inclusion_weighted_normal_closed_form():
+    mu, sigma = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([0.05, 0.5, 1.5])
+    m, s = torch.tensor([0.0, 0.5, -1.0]), torch.tensor([1.0, 2.0, 0.3])
+    p = torch.tensor([0.7, 0.1, 1.0])
+    # p · KL(N(μ, σ) ‖ N(m, s)) = p · [log(s/σ) + (σ² + (μ − m)²) / (2 s²) − ½]
+    expected = p * ((s / sigma).log() + (sigma**2 + (mu - m) ** 2) / (2 * s**2) - 0.5)
+    q = SlabNormal(mu, sigma, p, torch.ones(3), m, s)
+    assert_close(kl_divergence(q, torch.distributions.Normal(m, s)), expected)
+
+
+def test_slab_log_prob_is_the_conditional_density_given_the_gate():
+    mu, sigma, m, s = torch.tensor(0.3), torch.tensor(0.2), torch.tensor(0.0), torch.tensor(1.0)
+    x = torch.tensor([0.1, 0.7])
+    q = SlabNormal(mu.expand(2), sigma.expand(2), torch.full((2,), 0.6), torch.tensor([1.0, 0.0]), m.expand(2),
+                   s.expand(2))
+
+    def normal_log_pdf(v, loc, scale):
+        return -0.5 * math.log(2 * math.pi * scale**2) - (v - loc) ** 2 / (2 * scale**2)
+
+    expected = torch.tensor([normal_log_pdf(0.1, 0.3, 0.2), normal_log_pdf(0.7, 0.0, 1.0)])
+    assert_close(q.log_prob(x), expected)
+
+
+def test_meanfield_elbo_is_the_scaled_analytic_kl_and_its_gradient_reaches_the_guide(problem):
+    model, guide = make(problem, gating="stochastic")
+    batch = batch_of(problem, model, [1, 2, 11, 20])
+    kl_only = poutine.block(model, hide=["obs"])
+    loss = TraceMeanField_ELBO().differentiable_loss(kl_only, guide, batch)
+    logits, loc, scale = guide.components(batch.features0)
+    p = torch.sigmoid(logits)
+    kl_gate = p * (p / 0.5).log() + (1 - p) * ((1 - p) / 0.5).log()
+    kl_slab = p * ((1 / scale).log() + (scale**2 + loc**2) / 2 - 0.5)
+    expected = len(problem.data) / 4 * (kl_gate + kl_slab).sum()  # N / n scaling of the data plate
+    assert_close(loss, expected)
+    loss.backward()
+    for name, param in guide.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no KL gradient reaches {name}"
+
+
+def test_subsampling_and_kl_annealing_scale_the_right_sites(problem):
+    model, guide = make(problem)
+    batch = batch_of(problem, model, [4, 5, 6])
+    guide_trace = poutine.trace(guide).get_trace(batch, kl_scale=0.25)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, kl_scale=0.25)
+    full = len(problem.data) / 3
+    assert trace.nodes["obs"]["scale"] == pytest.approx(full)
+    for name in ("gate", "slab"):
+        assert trace.nodes[name]["scale"] == pytest.approx(0.25 * full)
+        assert guide_trace.nodes[name]["scale"] == pytest.approx(0.25 * full)
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+@pytest.mark.parametrize(("prior", "gating"), [("spike_and_slab", "gated"), ("spike_and_slab", "stochastic"),
+                                               ("gaussian", "gated"), ("hierarchical", "gated"),
+                                               ("relaxed", "stochastic")])
+def test_one_svi_step_runs_cleanly_and_only_guide_parameters_are_stored(problem, elbo, prior, gating):
+    assert is_validation_enabled()
+    model, guide = make(problem, prior, gating)
+    batch = batch_of(problem, model, list(range(0, 24, 3)))
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.01}), elbo())
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    loss = svi.step(batch)
+    assert math.isfinite(loss)
+    stored = set(pyro.get_param_store().keys())
+    expected = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert stored == (expected | {"pi_alpha", "pi_beta"} if prior == "hierarchical" else expected)
+    assert any(not torch.equal(before[n], p) for n, p in guide.named_parameters())
+
+
+def test_a_frozen_encoder_with_parameters_never_reaches_the_param_store(problem):
+    class ModuleEncoder(nn.Module):  # an nn.Module encoder whose weights require grad
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Parameter(problem.encoder.base.clone())
+
+        def forward(self, x, coef):
+            return x @ self.base + torch.einsum("ni,ntb,tbid->nd", x, coef, problem.encoder.deltas)
+
+    encoder = ModuleEncoder()
+    model = VTVCModel(encoder, problem.heads, None, problem.task_names, problem.block_names)
+    guide = AmortizedGuide(19, problem.task_names, problem.block_names)
+    assert list(model.parameters()) == []
+    batch = batch_of(problem, model, [0, 1, 2, 3])
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.01}), TraceMeanField_ELBO())
+    svi.step(batch)
+    assert set(pyro.get_param_store().keys()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert_close(encoder.base.detach(), problem.encoder.base)
+
+
+def test_amortized_guide_starts_at_the_method_initialisation(problem):
+    model, guide = make(problem)
+    batch = batch_of(problem, model, list(range(24)))
+    logits, loc, scale = guide.components(batch.features0)
+    assert_close(torch.sigmoid(logits), torch.full_like(logits, 0.7), atol=0.02, rtol=0)
+    assert_close(loc, torch.full_like(loc, 0.3), atol=0.02, rtol=0)
+    assert_close(scale, torch.full_like(scale, 0.05), atol=0.005, rtol=0)
+    assert loc.std(0).max() > 0, "the amortized guide should depend on its input from the start"
+
+
+def test_task_level_guide_shares_its_parameters_across_samples(problem):
+    model, guide = make(problem, guide_cls=TaskLevelGuide, init_loc=0.4, init_prob=0.6)
+    logits, loc, scale = guide.components(torch.randn(5, 19))
+    assert loc.shape == (5, 3, 2)
+    assert_close(loc, torch.full((5, 3, 2), 0.4))
+    assert_close(torch.sigmoid(logits), torch.full((5, 3, 2), 0.6))
+    assert {n for n, _ in guide.named_parameters()} == {"gate_logits", "slab_loc", "slab_rho"}
+
+
+def test_guide_errors_name_the_bad_argument(problem):
+    with pytest.raises(ValueError, match="gating: 'always' is not a gating mode; allowed: gated, stochastic"):
+        make(problem, gating="always")
+    with pytest.raises(ValueError, match="gating: a relaxed spike needs gating='stochastic'"):
+        make(problem, "relaxed", "gated")
+    with pytest.raises(ValueError, match="init_prob: must be in"):
+        make(problem, init_prob=1.0)
+    _, guide = make(problem)
+    with pytest.raises(ValueError, match=r"features0 must be \[n, 19\], got shape \(4, 7\)"):
+        guide.components(torch.zeros(4, 7))

@@ -1,0 +1,205 @@
+"""The embedded benchmark: task splits, disjointness, checkpoint layout, heads, recorded numbers, cache."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vtvc_pyro import cli
+from vtvc_pyro.checkpoints import load_state_dict
+from vtvc_pyro.zoo import build as zoo_build
+from vtvc_pyro.zoo import get_preset, load_zoo, summarize_zoo, verify_zoo
+from vtvc_pyro.zoo.tasks import Counts, build_task
+from vtvc_pyro.zoo.training import finetune_encoder
+
+
+def _hashes(images):
+    return {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images}
+
+
+def _copy_zoo(zoo, cache_dir):
+    """A private copy of the session's micro zoo, in a cache directory of its own."""
+    target = cache_dir / "zoo" / zoo.root.name
+    shutil.copytree(zoo.root, target)
+    return target
+
+
+def test_layout_and_manifest(micro_zoo):
+    preset = get_preset("micro")
+    assert micro_zoo.task_names == list(preset.tasks)
+    assert micro_zoo.pretrained_path.is_file()
+    assert all(p.is_file() for p in micro_zoo.finetuned_paths.values())
+    manifest = json.loads((micro_zoo.root / "zoo.json").read_text())
+    assert manifest["model_name"] == preset.model_name
+    for task, info in manifest["tasks"].items():
+        assert info["class_names"] and info["templates"]
+        assert info["sizes"]["val"] == int(0.1 * (info["sizes"]["train"] + info["sizes"]["val"]))
+    assert verify_zoo(micro_zoo.root) == []
+    assert set(manifest["files"]) >= {"pretrained.safetensors", "clip.safetensors", "finetuned/mnist.safetensors",
+                                      "heads/mnist.safetensors", "data/mnist.safetensors"}
+
+
+def test_checkpoints_load_back_through_the_foundation(micro_zoo):
+    model = micro_zoo.create_model()
+    theta0 = load_state_dict(micro_zoo.pretrained_path)
+    assert set(theta0) == set(model.visual.state_dict())
+    for name, value in model.visual.state_dict().items():
+        assert torch.equal(theta0[name], value), name
+    bank = micro_zoo.bank()
+    assert bank.task_names == micro_zoo.task_names
+    raw0 = load_file(str(micro_zoo.pretrained_path))
+    for t, task in enumerate(micro_zoo.task_names):
+        raw = load_file(str(micro_zoo.finetuned_paths[task]))
+        for name in ("conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "proj"):
+            assert torch.allclose(bank.task_vector(name)[t].float(), raw[name] - raw0[name], atol=1e-7)
+    assert any(bank.task_vector("proj").abs().sum() > 0 for _ in [0])
+
+
+def test_heads_are_the_text_towers_zero_shot_classifier(micro_zoo):
+    # independent reference: average of normalised prompt embeddings, renormalised, per class
+    model = micro_zoo.create_model()
+    tokenizer = micro_zoo.tokenizer()
+    info = micro_zoo.manifest["tasks"]["textures"]
+    with torch.no_grad():
+        rows = []
+        for name in info["class_names"]:
+            emb = model.encode_text(tokenizer([t.format(name) for t in info["templates"]]), normalize=True)
+            rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
+    head = micro_zoo.heads["textures"]
+    assert torch.allclose(head.weight, torch.stack(rows), atol=1e-5)
+    assert head.logit_scale == pytest.approx(float(model.logit_scale.exp()))
+
+
+def test_splits_are_deterministic_and_follow_the_protocol(micro_zoo):
+    full = load_file(str(micro_zoo.root / "data" / "mnist.safetensors"))["train_images"]
+    n = len(full)
+    v = int(0.1 * n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val = micro_zoo.split("mnist", "val")
+    train = micro_zoo.split("mnist", "train")
+    assert torch.equal(val.images, full[order[n - v:]])
+    assert torch.equal(train.images, full[order[: n - v]])
+    image, label = val[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 28, 28) and isinstance(label, int)
+    mean = torch.tensor(micro_zoo.image_mean).view(3, 1, 1)
+    std = torch.tensor(micro_zoo.image_std).view(3, 1, 1)
+    assert torch.allclose(image, (full[order[n - v]].float() / 255 - mean) / std)
+
+
+def test_task_images_are_rebuilt_identically(micro_zoo):
+    counts = get_preset("micro").tasks["textures"]
+    first, second = build_task("textures", counts, 28, 0), build_task("textures", counts, 28, 0)
+    assert torch.equal(first.train[0], second.train[0]) and torch.equal(first.test[1], second.test[1])
+    stored = load_file(str(micro_zoo.root / "data" / "textures.safetensors"))
+    assert torch.equal(stored["test_images"], first.test[0])
+    assert not torch.equal(build_task("textures", counts, 28, 1).test[0], first.test[0])
+
+
+def test_pretraining_pool_is_disjoint_from_every_val_and_test_image(micro_zoo):
+    pretrain = _hashes(micro_zoo.pretraining_images())
+    assert len(pretrain) > 100
+    for task in micro_zoo.task_names:
+        for split in ("val", "test"):
+            assert pretrain.isdisjoint(_hashes(micro_zoo.split(task, split).images)), (task, split)
+        assert _hashes(micro_zoo.split(task, "train").images).isdisjoint(
+            _hashes(micro_zoo.split(task, "test").images)), task
+
+
+def test_all_default_tasks_build_from_shipped_data():
+    tasks = {name: build_task(name, Counts(train=8, test=4, pretrain=2), 28, 0)
+             for name in get_preset("default").tasks}
+    assert len(tasks) >= 6
+    for name, task in tasks.items():
+        images, labels = task.train
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 28, 28), name
+        assert int(labels.max()) < len(task.class_names), name
+        assert task.test[0].shape[0] > 0, name
+    with pytest.raises(KeyError, match="'fashion'"):
+        build_task("fashion", Counts(1, 1), 28, 0)
+
+
+def test_recorded_accuracies_match_a_fresh_evaluation(micro_zoo):
+    visual = micro_zoo.create_model().visual
+    visual.load_state_dict(load_state_dict(micro_zoo.finetuned_paths["scenes"]))
+    images, labels = micro_zoo.split("scenes", "test").tensors()
+    with torch.no_grad():
+        predicted = micro_zoo.heads["scenes"](visual(images)).argmax(-1)
+    fresh = (predicted == labels).float().mean().item()
+    assert micro_zoo.accuracy("finetuned")["scenes"] == pytest.approx(fresh)
+    zs, ft = micro_zoo.accuracy("zeroshot"), micro_zoo.accuracy("finetuned")
+    assert sum(ft.values()) > sum(zs.values())
+    table = summarize_zoo(micro_zoo)
+    for method in ("zeroshot", "finetuned", "task_arithmetic", "ties"):
+        assert f"| {method}" in table
+
+
+def test_finetuning_is_deterministic(micro_zoo):
+    config = get_preset("micro").finetune
+    images, labels = micro_zoo.split("mnist", "train").tensors()
+    images, labels = images[:64], labels[:64]
+    weights = []
+    for _ in range(2):
+        visual = micro_zoo.create_model().visual
+        finetune_encoder(visual, micro_zoo.heads["mnist"], images, labels, config, seed=3)
+        weights.append(visual.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_corrupted_cache_is_detected_reported_and_rebuilt(micro_zoo, tmp_path, monkeypatch):
+    root = _copy_zoo(micro_zoo, tmp_path)
+    target = root / "finetuned" / "mnist.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert verify_zoo(root) == [f"checksum mismatch in {target}"]
+    with pytest.raises(ValueError, match="finetuned/mnist.safetensors"):
+        load_zoo("micro", cache_dir=tmp_path, build_if_missing=False)
+
+    # the rebuild itself is the real builder's job; here it copies the pristine zoo to stay fast
+    calls = []
+
+    def fake_write(staging, preset):
+        calls.append(preset.name)
+        shutil.rmtree(staging)
+        shutil.copytree(micro_zoo.root, staging)
+
+    monkeypatch.setattr(zoo_build, "_write_zoo", fake_write)
+    with pytest.warns(RuntimeWarning, match="finetuned/mnist.safetensors"):
+        zoo = load_zoo("micro", cache_dir=tmp_path)
+    assert calls == ["micro"]
+    assert verify_zoo(zoo.root) == []
+    assert target.read_bytes() == micro_zoo.finetuned_paths["mnist"].read_bytes()
+    assert not [p for p in (tmp_path / "zoo").iterdir() if p.name != root.name]  # no staging left behind
+
+
+def test_missing_file_is_detected(micro_zoo, tmp_path):
+    root = _copy_zoo(micro_zoo, tmp_path)
+    (root / "heads" / "scenes.safetensors").unlink()
+    assert verify_zoo(root) == [f"missing file {root / 'heads' / 'scenes.safetensors'}"]
+    with pytest.raises(ValueError, match="heads/scenes.safetensors"):
+        load_zoo("micro", cache_dir=tmp_path, build_if_missing=False)
+
+
+def test_missing_zoo_without_building(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vtvc zoo build --preset micro"):
+        load_zoo("micro", cache_dir=tmp_path, build_if_missing=False)
+    with pytest.raises(KeyError, match="'huge'"):
+        load_zoo("huge", cache_dir=tmp_path)
+
+
+def test_cli_zoo_build_reuses_an_intact_cache(micro_zoo, tmp_path, capsys, monkeypatch):
+    _copy_zoo(micro_zoo, tmp_path)
+    monkeypatch.setattr(zoo_build, "_write_zoo", lambda *a: pytest.fail("an intact cache was rebuilt"))
+    cli.main(["zoo", "build", "--preset", "micro", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| task_arithmetic (α=" in out and "| ties (α=" in out and "mean norm" in out
+
+
+@pytest.mark.slow
+def test_two_builds_are_identical(micro_zoo, tmp_path):
+    again = zoo_build.build_zoo("micro", cache_dir=tmp_path)
+    assert again.manifest["files"] == micro_zoo.manifest["files"]
+    assert again.manifest["results"] == micro_zoo.manifest["results"]

@@ -1,0 +1,127 @@
+"""One composition problem of a protocol, and what a method sees while solving it.
+
+Task addition is one problem (compose all T task vectors, fit on the union of val splits, score every
+task's test split with its own head). Knowledge transfer is one problem per target task (compose the other
+tasks' vectors, fit on the target's train split, score its test split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from vtvc_pyro.data import MultiTaskDataset
+from vtvc_pyro.experiment.benchmark import Benchmark
+from vtvc_pyro.experiment.config import ExperimentConfig
+from vtvc_pyro.experiment.rundir import RunDirectory
+from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
+from vtvc_pyro.heads import HeadBank
+from vtvc_pyro.model import collate_items
+from vtvc_pyro.task_vectors import TaskVectorBank
+
+
+@dataclass
+class Problem:
+    """The bank to compose, the tasks scored (``heads`` order), and their fit / val / test data."""
+
+    name: str
+    tasks: list[str]
+    bank: TaskVectorBank
+    heads: HeadBank
+    fit: dict[str, Dataset]
+    val: dict[str, Dataset]
+    test: dict[str, Dataset]
+    _joined: dict[str, MultiTaskDataset] = field(default_factory=dict, repr=False)
+
+    def joined(self, split: str) -> MultiTaskDataset:
+        """``fit``, ``val`` or ``test`` of all tasks as one dataset of ``(index, image, label, task_id)``."""
+        if split not in self._joined:
+            self._joined[split] = MultiTaskDataset(getattr(self, split), self.tasks)
+        return self._joined[split]
+
+
+def make_problems(cfg: ExperimentConfig, bench: Benchmark) -> list[Problem]:
+    """The problems of ``cfg.protocol`` on the bank with ``cfg.blocks``."""
+    bank = bench.bank(cfg.blocks)
+    splits = bench.splits
+    if cfg.protocol.name == "task_addition":
+        tasks = list(bench.task_names)
+        return [Problem("all", tasks, bank, bench.heads, dict(splits["val"]), dict(splits["val"]),
+                        dict(splits["test"]))]
+    targets = list(cfg.protocol.targets or bench.task_names)
+    unknown = [t for t in targets if t not in bench.task_names]
+    if unknown:
+        raise ValueError(f"protocol.targets: unknown tasks {unknown}; the benchmark has {bench.task_names}")
+    if len(bench.task_names) < 2:
+        raise ValueError("protocol.name: knowledge transfer needs at least two tasks")
+    problems = []
+    for target in targets:
+        others = [t for t in bench.task_names if t != target]
+        problems.append(Problem(
+            target, [target], bank.select_tasks(others), HeadBank({target: bench.heads[target]}),
+            {target: splits["train"][target]}, {target: splits["val"][target]}, {target: splits["test"][target]},
+        ))
+    return problems
+
+
+class FeatureCache:
+    """``normalize(f(x; θ0))`` of a problem's split, computed once with the plain pre-trained tower."""
+
+    def __init__(self, visual: nn.Module, batch_size: int):
+        self.visual = visual
+        self.batch_size = batch_size
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, problem: Problem, split: str) -> torch.Tensor:
+        key = (problem.name, split)
+        if key not in self._cache:
+            data = problem.joined(split)
+            chunks = [torch.arange(i, min(i + self.batch_size, len(data))) for i in range(0, len(data), self.batch_size)]
+            self._cache[key] = torch.cat([F.normalize(self.visual(collate_items(data, c)[0]), dim=-1) for c in chunks])
+        return self._cache[key]
+
+
+@dataclass
+class Outcome:
+    """One method on one problem: scores, seconds spent fitting and scoring, coefficient statistics, and
+    method-specific details (plain JSON data)."""
+
+    scores: Scores
+    fit_seconds: float
+    eval_seconds: float
+    coef: CoefficientStats | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a method may use: its name and effective settings, the benchmark, the run directory, the
+    results of methods finished before it, the feature cache, and a logger."""
+
+    name: str
+    cfg: ExperimentConfig
+    bench: Benchmark
+    run: RunDirectory
+    results: Mapping[str, dict[str, Any]]
+    features: FeatureCache
+    log: Callable[[str], None]
+    progress: bool = True
+
+    def artifact_dir(self, problem: Problem, method: str | None = None) -> Path:
+        """``posteriors/<method>/<problem>/``: fitted parameters and posterior summaries."""
+        return self.run.posterior_dir(method or self.name) / problem.name
+
+    def checkpoint_path(self, problem: Problem) -> Path:
+        return self.run.checkpoint_path(self.name, problem.name)
+
+    def finetuned_val_accuracy(self, problem: Problem) -> dict[str, float]:
+        """The fine-tuned models' val accuracy on the problem's tasks (the normaliser for α selection)."""
+        return self.results["finetuned"]["details"][problem.name]["val_accuracy"]

@@ -1,0 +1,143 @@
+"""``vtvc run``: the whole data flow of an experiment in one place.
+
+config → run directory → benchmark (checkpoints → task-vector bank, heads, splits) → for every method and
+problem: fit (merge / SVI) → posterior → evaluate → per-method result file → comparison table, metrics.json
+and plots. Finished methods are read back instead of recomputed; an interrupted SVI fit continues from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+from rich.console import Console
+from rich.logging import RichHandler
+
+from vtvc_pyro.experiment import report
+from vtvc_pyro.experiment.benchmark import load_benchmark
+from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
+from vtvc_pyro.experiment.figures import draw_figures
+from vtvc_pyro.experiment.methods import METHOD_FUNCTIONS
+from vtvc_pyro.experiment.problem import Context, FeatureCache, Outcome, Problem, make_problems
+from vtvc_pyro.experiment.rundir import RunDirectory
+from vtvc_pyro.experiment.scoring import CoefficientStats, Scores, reliability_bins
+
+
+def execution_order(methods: Sequence[str]) -> list[str]:
+    """``finetuned`` first (it normalises accuracy and α selection), ``vtvc_merged`` after ``vtvc``."""
+    middle = [m for m in methods if m not in ("finetuned", "vtvc_merged")]
+    return ["finetuned", *middle, *(["vtvc_merged"] if "vtvc_merged" in methods else [])]
+
+
+@contextlib.contextmanager
+def _logger(path: Path, console: Console) -> Iterator[Callable[[str], None]]:
+    """Log to the console (rich) and append to the run's log file."""
+    logger = logging.getLogger(f"vtvc_pyro.run.{os.fspath(path)}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handlers = [file_handler, RichHandler(console=console, show_path=False, markup=False)]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield logger.info
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome]], cfg: ExperimentConfig
+            ) -> dict[str, Any]:
+    """A method's result file: per-task test metrics, coefficient statistics, seconds, reliability bins."""
+    scores = Scores.concat([o.scores for _, o in outcomes])
+    stats = [o.coef for _, o in outcomes if o.coef is not None]
+    merged = CoefficientStats()
+    for s in stats:
+        merged.merge(s)
+    return {
+        "method": name,
+        "runs": base,
+        "tasks": {t: m.to_dict() for t, m in scores.tasks.items()},
+        **merged.summary(),
+        "fit_seconds": sum(o.fit_seconds for _, o in outcomes),
+        "eval_seconds": sum(o.eval_seconds for _, o in outcomes),
+        "reliability": reliability_bins(scores.confidence, scores.correct, cfg.eval.ece_bins),
+        "details": {p.name: o.details for p, o in outcomes},
+    }
+
+
+def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (),
+                   out: str | os.PathLike | None = None, force: bool = False, *, progress: bool = True,
+                   console: Console | None = None) -> Path:
+    """Run (or resume) the experiment of a YAML config; returns the run directory.
+
+    ``overrides``: ``--key.sub=value`` strings; ``out``: the run directory (default ``runs/<config stem>``);
+    ``force``: delete a previous run there and start over.
+    """
+    console = console or Console()
+    cfg = load_config(config_path, overrides)
+    root = Path(out) if out is not None else Path("runs") / Path(config_path).stem
+    invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
+                  "out": os.fspath(root), "force": force}
+    run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force)
+    with _logger(run.log_path, console) as log:
+        log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
+        bench = load_benchmark(cfg, log)
+        log(f"benchmark: {bench.description}; tasks {bench.task_names}")
+        features = FeatureCache(bench.visual, cfg.eval.batch_size)
+        results: dict[str, dict[str, Any]] = {}
+        order = execution_order(cfg.methods)
+        for i, name in enumerate(order, 1):
+            tag = f"[{i}/{len(order)}] {name}"
+            if run.is_done(name):
+                results[name] = run.load_result(name)
+                log(f"{tag}: finished in an earlier invocation; kept")
+                continue
+            settings = variant_config(cfg, name)
+            base = cfg.variants[name].method if name in cfg.variants else name
+            ctx = Context(name, settings, bench, run, results, features, log, progress)
+            run.mark_started(name)
+            log(f"{tag}: running" + (f" (variant of {base})" if base != name else ""))
+            outcomes = []
+            try:
+                for problem in make_problems(settings, bench):
+                    pyro.set_rng_seed(settings.seed)
+                    outcomes.append((problem, METHOD_FUNCTIONS[base](ctx, problem)))
+            except BaseException:
+                log(f"{tag}: interrupted; run the same command again to resume")
+                raise
+            results[name] = _result(name, base, outcomes, settings)
+            run.save_result(name, results[name])
+            accuracy = [m["accuracy"] for m in results[name]["tasks"].values()]
+            log(f"{tag}: mean test accuracy {100 * sum(accuracy) / len(accuracy):.1f}% "
+                f"(fit {results[name]['fit_seconds']:.1f} s, eval {results[name]['eval_seconds']:.1f} s)")
+
+        tasks = list(results["finetuned"]["tasks"])
+        finetuned_accuracy = {t: m["accuracy"] for t, m in results["finetuned"]["tasks"].items()}
+        rows = report.summarize({m: results[m] for m in cfg.methods}, tasks, finetuned_accuracy)
+        title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {bench.description.split(' at ')[0]}"
+        report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
+        report.write_metrics(run.root / "metrics.json", {
+            "name": cfg.name,
+            "config_digest": digest(cfg),
+            "protocol": cfg.protocol.name,
+            "benchmark": bench.description,
+            "tasks": tasks,
+            "finetuned_accuracy": finetuned_accuracy,
+            "methods": {m: {**rows[m], "details": results[m]["details"]} for m in cfg.methods},
+        })
+        plots = draw_figures(run, cfg, results, rows, tasks)
+        run.mark_complete()
+        log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
+    console.print(report.to_markdown(rows, tasks, title), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
+    return run.root

@@ -1,0 +1,324 @@
+"""The SVI engine (METHOD §5): ELBO choice, mini-batches scaled to the full data, KL annealing, ClippedAdam
+with a total learning-rate decay, a NaN/inf guard, and checkpoints a resumed run continues from exactly.
+
+The fit runs in its own param-store scope: it neither reads nor leaks global param-store entries, and the
+fitted values stay in the guide's (and model's) modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import zero_grads
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vtvc_pyro.io import atomic_path
+from vtvc_pyro.model import Batch, FrozenNetworks, NonFiniteError, collate_items
+
+ELBOS = ("meanfield", "trace")
+CHECKPOINT_FORMAT = "vtvc-svi-checkpoint/1"
+# Fields that may change between a run and its resumption without changing what it computes.
+_RESUME_FREE = ("checkpoint_every", "progress", "feature_batch_size", "device")
+
+
+@dataclass(frozen=True)
+class SVIConfig:
+    """Settings of one SVI fit. ``lr_decay`` is the total decay over the run (ClippedAdam ``lrd =
+    lr_decay ** (1 / steps)``); ``kl_weight`` scales the latent sites, linearly warmed up over
+    ``kl_anneal_steps``; ``checkpoint_every = 0`` writes a checkpoint only at the end."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 5e-3
+    lr_decay: float = 0.1
+    clip_norm: float = 10.0
+    elbo: str = "meanfield"
+    num_particles: int = 1
+    kl_weight: float = 1.0
+    kl_anneal_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 0
+    feature_batch_size: int = 256
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_particles", "feature_batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"svi.{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("kl_anneal_steps", "checkpoint_every", "seed"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"svi.{name}: must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("lr", "clip_norm", "kl_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"svi.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"svi.lr_decay: must be in (0, 1], got {self.lr_decay!r}")
+        if self.elbo not in ELBOS:
+            raise ValueError(f"svi.elbo: {self.elbo!r} is not an ELBO; allowed: {', '.join(ELBOS)}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> SVIConfig:
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(mapping) - set(allowed))
+        if unknown:
+            raise ValueError(f"svi.{unknown[0]}: unknown field; allowed: {', '.join(allowed)}")
+        return cls(**mapping)
+
+    def kl_scale(self, step: int) -> float:
+        """The latent sites' scale at ``step`` (1-based)."""
+        if self.kl_anneal_steps == 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, step / self.kl_anneal_steps)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the per-step callback receives."""
+
+    step: int
+    loss: float  # −ELBO per datum
+    kl_scale: float
+    lr: float
+
+
+@dataclass
+class FitResult:
+    """``losses[i]`` is the −ELBO per datum of step ``i + 1`` (steps before a resume included)."""
+
+    losses: list[float]
+    steps: int
+    seconds: float
+    start_step: int
+    features0: torch.Tensor = field(repr=False)
+
+    @property
+    def elbo(self) -> list[float]:
+        return [-loss for loss in self.losses]
+
+
+@torch.no_grad()
+def pretrained_features(frozen: FrozenNetworks, data: Dataset, *, batch_size: int = 256,
+                        device: torch.device | str = "cpu", cache_path: str | os.PathLike | None = None
+                        ) -> torch.Tensor:
+    """``[N, D]`` features ``normalize(f(x; θ0))`` of every item, computed once. With ``cache_path`` they are
+    read from / written to a safetensors file; a cache whose first items no longer match is rebuilt."""
+    num_data = len(data)
+    if num_data == 0:
+        raise ValueError("the dataset is empty")
+
+    def compute(stop: int) -> torch.Tensor:
+        chunks = (collate_items(data, torch.arange(i, min(i + batch_size, stop)))[0]
+                  for i in range(0, stop, batch_size))
+        return torch.cat([frozen.features0(images.to(device)).cpu() for images in chunks])
+
+    if cache_path is not None and Path(cache_path).is_file():
+        cached = load_file(str(cache_path))["features0"]
+        probe = min(8, num_data)
+        if cached.shape[0] == num_data and torch.allclose(cached[:probe], compute(probe), atol=1e-5):
+            return cached
+    features = compute(num_data)
+    if cache_path is not None:
+        with atomic_path(cache_path) as tmp:
+            save_file({"features0": features.contiguous()}, str(tmp))
+    return features
+
+
+def make_elbo(config: SVIConfig) -> Trace_ELBO:
+    """``TraceMeanField_ELBO`` (analytic KL where registered) or ``Trace_ELBO`` (Monte Carlo)."""
+    cls = TraceMeanField_ELBO if config.elbo == "meanfield" else Trace_ELBO
+    return cls(num_particles=config.num_particles, max_plate_nesting=3)
+
+
+def _batch_positions(step: int, num_data: int, config: SVIConfig) -> tuple[torch.Tensor, dict[str, int]]:
+    """The dataset positions of ``step`` (1-based): epochs of a seeded permutation, so the data order is a
+    function of (seed, step) and a resumed run sees the same batches."""
+    per_epoch = math.ceil(num_data / config.batch_size)
+    epoch, position = divmod(step - 1, per_epoch)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(num_data, generator=generator)
+    start = position * config.batch_size
+    return order[start:start + config.batch_size], {"epoch": epoch, "position": position,
+                                                     "batches_per_epoch": per_epoch, "num_data": num_data}
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch, Python ``random`` and numpy states (Pyro draws from torch's); tensors and tuples only, so the
+    checkpoint loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _named_params() -> dict[str, torch.Tensor]:
+    """The param store's unconstrained parameters by name."""
+    return dict(pyro.get_param_store().named_parameters())
+
+
+def _restore(snapshot: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in _named_params().items():
+            if name in snapshot:
+                param.copy_(snapshot[name])
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write a checkpoint atomically (torch format, tensors and plain containers only)."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return state
+
+
+def _check_resumable(state: Mapping[str, Any], config: SVIConfig, num_data: int, path: Any) -> None:
+    now = dataclasses.asdict(config)
+    changed = [k for k, v in state["config"].items() if k not in _RESUME_FREE and now.get(k) != v]
+    if changed:
+        raise ValueError(f"{path}: cannot resume with changed svi.{changed[0]} "
+                         f"({state['config'][changed[0]]!r} -> {now[changed[0]]!r})")
+    if state["data_order"]["num_data"] != num_data:
+        raise ValueError(f"{path}: checkpoint was written for {state['data_order']['num_data']} data, "
+                         f"this dataset has {num_data}")
+    if state["step"] > config.steps:
+        raise ValueError(f"{path}: checkpoint is at step {state['step']} > svi.steps={config.steps}")
+
+
+def _load_params(saved: Mapping[str, torch.Tensor], path: Any) -> None:
+    params = _named_params()
+    if set(saved) != set(params):
+        raise ValueError(f"{path}: parameters {sorted(set(saved) ^ set(params))} are in only one of the "
+                         "checkpoint and the model/guide")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != saved[name].shape:
+                raise ValueError(f"{path}: parameter {name!r} has shape {tuple(saved[name].shape)} in the "
+                                 f"checkpoint, {tuple(param.shape)} in the model/guide")
+            param.copy_(saved[name])
+
+
+def _step(svi: SVI, batch: Batch, kl_scale: float) -> float:
+    """``SVI.step`` that checks the loss and gradients before it updates anything."""
+    with poutine.trace(param_only=True) as capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, batch, kl_scale=kl_scale)
+    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the ELBO is {loss} although every sample site was finite")
+    for name, param in _named_params().items():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            raise NonFiniteError(f"the gradient of parameter {name!r} is non-finite")
+    svi.optim(params)
+    zero_grads(params)
+    return float(loss)
+
+
+def _guarded_step(svi: SVI, batch: Batch, kl_scale: float, step: int) -> float:
+    """One step; on a NaN/inf the parameters go back to their values before it, and the error names the
+    step."""
+    params = _named_params()
+    snapshot = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        loss = _step(svi, batch, kl_scale)
+        bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"parameter {bad[0]!r} became non-finite")
+    except NonFiniteError as err:
+        zero_grads(set(params.values()))
+        _restore(snapshot)
+        raise NonFiniteError(f"step {step}: {err}; parameters restored to their values after step "
+                             f"{step - 1}") from err
+    return loss
+
+
+def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig | None = None, *,
+            features0: torch.Tensor | None = None, checkpoint_path: str | os.PathLike | None = None,
+            resume: bool = True, callback: Callable[[StepInfo], None] | None = None) -> FitResult:
+    """Fit ``guide`` (and any parameters of ``model``) by SVI on ``data`` (items ``(index, image, label,
+    task_id)``). ``model.frozen`` provides the pre-trained features. With ``checkpoint_path`` and ``resume``,
+    an existing checkpoint is continued exactly; ``callback`` runs after every step."""
+    config = config or SVIConfig()
+    started = time.perf_counter()
+    num_data = len(data)
+    if features0 is None:
+        features0 = pretrained_features(model.frozen, data, batch_size=config.feature_batch_size,
+                                        device=config.device)
+    if features0.shape[0] != num_data:
+        raise ValueError(f"features0 has {features0.shape[0]} rows for a dataset of {num_data}")
+    lrd = config.lr_decay ** (1.0 / config.steps)
+    optim = pyro.optim.ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm, "lrd": lrd})
+    svi = SVI(model, guide, optim, make_elbo(config))
+    state = None
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        state = load_checkpoint(checkpoint_path)
+        _check_resumable(state, config, num_data, checkpoint_path)
+
+    def batch_at(step: int) -> tuple[Batch, dict[str, int]]:
+        positions, order = _batch_positions(step, num_data, config)
+        return Batch.collate(data, positions, features0, config.device), order
+
+    with pyro.get_param_store().scope():
+        with torch.no_grad(), poutine.trace(param_only=True):  # register the parameters in this scope
+            first = batch_at(1)[0]
+            guide(first, kl_scale=1.0)
+            model(first, kl_scale=1.0)
+        if state is None:
+            start, losses = 0, []
+            pyro.set_rng_seed(config.seed)
+        else:
+            start, losses = state["step"], list(state["losses"])
+            _load_params(state["params"], checkpoint_path)
+            optim.set_state(state["optimizer"])
+            _set_rng_state(state["rng"])
+        with tqdm(total=config.steps, initial=start, desc="svi", disable=not config.progress,
+                  leave=False) as bar:
+            for step in range(start + 1, config.steps + 1):
+                batch, order = batch_at(step)
+                kl_scale = config.kl_scale(step)
+                loss = _guarded_step(svi, batch, kl_scale, step) / num_data
+                losses.append(loss)
+                if checkpoint_path is not None and (
+                    step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                ):
+                    save_checkpoint(checkpoint_path, {
+                        "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(config),
+                        "params": {n: p.detach().cpu().clone() for n, p in _named_params().items()},
+                        "optimizer": optim.get_state(), "rng": _rng_state(), "data_order": order,
+                        "losses": losses,
+                    })
+                bar.update(1)
+                bar.set_postfix(elbo_per_datum=f"{-loss:.4f}")
+                if callback is not None:
+                    callback(StepInfo(step, loss, kl_scale, config.lr * lrd**step))
+    return FitResult(losses, config.steps, time.perf_counter() - started, start, features0)
