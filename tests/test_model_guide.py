@@ -6,10 +6,10 @@ import math
 import pyro
 import pytest
 import torch
-from planted import planted_problem
+from planted import one_thread, planted_problem
 from pyro import poutine
-from pyro.poutine.util import is_validation_enabled
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import is_validation_enabled
 from torch import nn
 from torch.distributions import kl_divergence
 from torch.testing import assert_close
@@ -18,14 +18,21 @@ from vtvc_pyro.guide import AmortizedGuide, TaskLevelGuide
 from vtvc_pyro.kl import GateBernoulli, SlabNormal
 from vtvc_pyro.model import Batch, VTVCModel
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
 PRIORS = {
     "spike_and_slab": {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}},
     "gaussian": {"kind": "gaussian"},
     "hierarchical": {"kind": "spike_and_slab", "pi_prior": {"a": 2.0, "b": 2.0}},
     "relaxed": {"kind": "spike_and_slab", "temperature": 0.5},
 }
-EXPECTED_LATENTS = {"spike_and_slab": ["gate", "slab"], "gaussian": ["slab"], "hierarchical": ["pi", "gate", "slab"],
-                    "relaxed": ["gate", "slab"]}
+EXPECTED_LATENTS = {"spike_and_slab": ["gate", "slab"], "gaussian": ["slab"],
+                    "hierarchical": ["pi", "gate", "slab"], "relaxed": ["gate", "slab"]}
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +55,14 @@ def batch_of(problem, model, positions):
     images = torch.stack([problem.data[i][1] for i in positions])
     labels = torch.tensor([problem.data[i][2] for i in positions])
     task = torch.tensor([problem.data[i][3] for i in positions])
-    return Batch(torch.tensor(positions), images, model.frozen.features0(images), labels, task, len(problem.data))
+    features0 = model.frozen.features0(images)
+    return Batch(torch.tensor(positions), images, features0, labels, task, len(problem.data))
 
 
 def latent_sites(trace):
+    plates = ("data", "tasks", "blocks")
     return [(name, tuple(site["value"].shape)) for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site["name"] in ("data", "tasks", "blocks")]
+            if site["type"] == "sample" and not site["is_observed"] and name not in plates]
 
 
 @pytest.mark.parametrize("prior", list(PRIORS))
@@ -114,8 +123,8 @@ def test_slab_kl_is_the_inclusion_weighted_normal_closed_form():
 def test_slab_log_prob_is_the_conditional_density_given_the_gate():
     mu, sigma, m, s = torch.tensor(0.3), torch.tensor(0.2), torch.tensor(0.0), torch.tensor(1.0)
     x = torch.tensor([0.1, 0.7])
-    q = SlabNormal(mu.expand(2), sigma.expand(2), torch.full((2,), 0.6), torch.tensor([1.0, 0.0]), m.expand(2),
-                   s.expand(2))
+    gate = torch.tensor([1.0, 0.0])
+    q = SlabNormal(mu.expand(2), sigma.expand(2), torch.full((2,), 0.6), gate, m.expand(2), s.expand(2))
 
     def normal_log_pdf(v, loc, scale):
         return -0.5 * math.log(2 * math.pi * scale**2) - (v - loc) ** 2 / (2 * scale**2)

@@ -4,13 +4,21 @@ import math
 
 import pytest
 import torch
+from planted import one_thread
 from torch.testing import assert_close
 
 from vtvc_pyro.priors import BetaSpec, NormalSpec, PriorOverride, PriorSpec, as_prior
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
 TASKS = ["mnist", "svhn", "dtd"]
-BLOCKS = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.1.mlp.c_fc.bias",
-          "proj"]
+BLOCKS = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight",
+          "transformer.resblocks.1.mlp.c_fc.bias", "proj"]
 
 
 def test_mapping_and_dataclass_are_the_same_spec():
@@ -25,13 +33,15 @@ def test_mapping_and_dataclass_are_the_same_spec():
 
 
 @pytest.mark.parametrize(("mapping", "message"), [
-    ({"kind": "spike_and_slab", "pie": 0.5}, r"prior\.pie: unknown field; allowed: kind, pi, slab, temperature"),
+    ({"kind": "spike_and_slab", "pie": 0.5},
+     r"prior\.pie: unknown field; allowed: kind, pi, slab, temperature"),
     ({"kind": "laplace"}, r"kind: 'laplace' is not a prior kind; allowed: spike_and_slab, gaussian"),
     ({"kind": "spike_and_slab", "pi": 1.5}, r"^pi: 1\.5 is outside \(0\.0, 1\.0\)"),
     ({"kind": "spike_and_slab", "slab": {"scale": -1}}, r"slab\.scale: -1"),
     ({"kind": "spike_and_slab", "slab": {"sd": 1}}, r"prior\.slab\.sd: unknown field; allowed: loc, scale"),
     ({"kind": "spike_and_slab", "temperature": 0}, r"temperature: 0"),
-    ({"kind": "spike_and_slab", "pi_prior": {"a": 1, "c": 2}}, r"prior\.pi_prior\.c: unknown field; allowed: a, b"),
+    ({"kind": "spike_and_slab", "pi_prior": {"a": 1, "c": 2}},
+     r"prior\.pi_prior\.c: unknown field; allowed: a, b"),
     ({"kind": "gaussian", "temperature": 0.5}, r"temperature: a gaussian prior has no spike"),
     ({"kind": "spike_and_slab", "overrides": [{"block": "proj"}]},
      r"prior\.overrides\[0\]\.block: unknown field; allowed: tasks, blocks, pi, slab, pi_prior"),
@@ -48,7 +58,8 @@ def test_validation_names_the_bad_field(mapping, message):
 
 def test_an_override_matching_nothing_is_an_error():
     spec = PriorSpec.from_mapping({"kind": "spike_and_slab", "overrides": [{"tasks": "mnsit", "pi": 0.1}]})
-    with pytest.raises(ValueError, match=r"prior\.overrides\[0\]: tasks='mnsit', blocks='\*' match no component"):
+    message = r"prior\.overrides\[0\]: tasks='mnsit', blocks='\*' match no component"
+    with pytest.raises(ValueError, match=message):
         spec.resolve(TASKS, BLOCKS)
 
 
@@ -57,7 +68,8 @@ def test_overrides_apply_per_task_and_block_pattern_in_order():
         "kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0},
         "overrides": [
             {"blocks": "transformer.*", "pi": 0.2},
-            {"tasks": ["svhn", "dtd"], "blocks": "transformer.resblocks.1.*", "pi": 0.9, "slab": {"loc": 0.3}},
+            {"tasks": ["svhn", "dtd"], "blocks": "transformer.resblocks.1.*", "pi": 0.9,
+             "slab": {"loc": 0.3}},
             {"tasks": "mnist", "blocks": ["proj", "conv1.*"], "slab": {"scale": 0.1}},
         ],
     })

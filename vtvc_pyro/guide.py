@@ -169,7 +169,7 @@ class AmortizedGuide(GateSlabGuide):
         if features0.ndim != 2 or features0.shape[1] != self.feature_dim:
             raise ValueError(f"features0 must be [n, {self.feature_dim}], got shape {tuple(features0.shape)}")
         out = self.net(features0).view(-1, 3, self.num_tasks, self.num_blocks)
-        require_finite(out, "guide network output (gate logits, slab loc and scale)")
+        require_finite(out, "sites 'gate', 'slab': the guide network output")
         logits, loc, rho = out.unbind(1)
         return logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT), loc, F.softplus(rho) + MIN_SCALE
 

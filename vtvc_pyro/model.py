@@ -102,8 +102,7 @@ class FrozenNetworks:
 
     def logits(self, images: torch.Tensor, task: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """``[n, C_max]`` logits of each sample's own task head on ``f(x_n; θ(coef_n))``."""
-        features = require_finite(self.encoder(images, coef), "composed encoder output")
-        return self.heads.logits(features, task)
+        return self.heads.logits(self.encoder(images, coef), task)
 
     @torch.no_grad()
     def features0(self, images: torch.Tensor) -> torch.Tensor:
@@ -123,7 +122,7 @@ def observe(frozen: FrozenNetworks, batch: Batch, coef: torch.Tensor) -> torch.T
     """The likelihood site ``obs ~ Categorical(logits = head_task(n)(f(x_n; θ(coef_n))))``, inside the data
     plate; returns the ``[n, C_max]`` logits."""
     logits = frozen.logits(batch.images, batch.task, coef)
-    require_finite(logits, "site 'obs' logits", allow_neg_inf=True)
+    require_finite(logits, "site 'obs': the logits (composed encoder, then task heads)", allow_neg_inf=True)
     labels = None if batch.labels is None else batch.labels[:, None, None]
     pyro.sample("obs", dist.Categorical(logits=logits[:, None, None, :]), obs=labels)
     return logits

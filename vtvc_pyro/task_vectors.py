@@ -180,6 +180,9 @@ class TaskVectorBank:
             raise ValueError(f"base must have shape [P] = [{P}], got {list(base.shape)}")
         if not vectors.is_contiguous():
             raise ValueError("vectors must be one contiguous [T, P] buffer")
+        resolve_dtype(vectors.dtype)
+        if len(set(self._task_names)) != len(self._task_names):
+            raise ValueError(f"task names must be distinct, got {self._task_names}")
         if set(self._state_keys) != set(self._index) | set(self._extras):
             raise ValueError("state_keys must list exactly the float entries and the carried-through entries")
         self._segments = self._block_segments()

@@ -158,6 +158,8 @@ class ExperimentConfig:
 
     name: str = "experiment"
     seed: int = 0
+    threads: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    """torch intra-op threads for the run (null: torch's default). Tiny ViTs run fastest on 1."""
     zoo: ZooConfig = field(default_factory=ZooConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     blocks: str | tuple[str, ...] = "tensor"

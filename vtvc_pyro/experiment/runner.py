@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyro
+import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -55,6 +56,17 @@ def _logger(path: Path, console: Console) -> Iterator[Callable[[str], None]]:
             handler.close()
 
 
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome]], cfg: ExperimentConfig
             ) -> dict[str, Any]:
     """A method's result file: per-task test metrics, coefficient statistics, seconds, reliability bins."""
@@ -89,7 +101,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
                   "out": os.fspath(root), "force": force}
     run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force)
-    with _logger(run.log_path, console) as log:
+    with _logger(run.log_path, console) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
         log(f"benchmark: {bench.description}; tasks {bench.task_names}")

