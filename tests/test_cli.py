@@ -49,4 +49,16 @@ def test_overrides_before_and_after_options_are_collected(monkeypatch):
 
     monkeypatch.setattr("vtvc_pyro.experiment.run_experiment", fake_run)
     cli.main(["run", SMOKE, "--svi.steps=3", "--out", "x", "--prior.pi=0.2", "--force"])
-    assert seen == {"config": SMOKE, "overrides": ["--svi.steps=3", "--prior.pi=0.2"], "out": "x", "force": True}
+    overrides = ["--svi.steps=3", "--prior.pi=0.2"]
+    assert seen == {"config": SMOKE, "overrides": overrides, "out": "x", "force": True}
+
+
+def test_missing_checkpoint_files_are_named_before_anything_is_written(tmp_path, capsys):
+    config = Path(SMOKE).with_name("vit_b32_task_addition.yaml")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(config), "--out", str(out), f"--zoo.pretrained={tmp_path / 'zeroshot.pt'}"])
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: zoo.pretrained: file not found: {tmp_path / 'zeroshot.pt'}")
+    assert not out.exists()

@@ -56,7 +56,7 @@ def test_defaults_follow_the_method_page():
         ({"zoo": {"tasks": ["mnist", 3]}}, "zoo.tasks[1]: expected str"),
         ({"zoo": {"finetuned": {"mnist": 1}}}, "zoo.finetuned.mnist: expected str"),
         ({"protocol": {"ties_top_k": 1.5}}, "protocol.ties_top_k: must be in (0, 1]"),
-        ({"protocol": {"name": "negation"}}, "protocol.name: must be one of task_addition, knowledge_transfer"),
+        ({"protocol": {"name": "negation"}}, "protocol.name: must be one of task_addition, knowledge"),
         ({"protocol": {"alpha_grid": []}}, "protocol.alpha_grid: must not be empty"),
         ({"methods": ["vtvc", "bayes"]}, "methods[1]: unknown method 'bayes'"),
         ({"methods": ["vtvc", "vtvc"]}, "methods[1]: 'vtvc' is listed twice"),
@@ -68,8 +68,11 @@ def test_defaults_follow_the_method_page():
         ({"variants": {"v": {"set": {}}}}, "variants.v.method: required key is missing"),
         ({"variants": {"v": {"method": "zeroshot"}}}, "variants.v.method: must be one of task_arithmetic"),
         ({"variants": {"vtvc": {"method": "vtvc"}}}, "variants.vtvc: a variant cannot take a built-in"),
-        ({"variants": {"v": {"method": "vtvc", "set": {"seed": 3}}}}, "variants.v.set.seed: a variant may only"),
-        ({"variants": {"v": {"method": "vtvc", "set": {"svi.stepz": 3}}}}, "variants.v.set: svi.stepz: unknown"),
+        ({"variants": {"v": {"method": "vtvc", "set": {"seed": 3}}}}, "variants.v.set.seed: a variant may"),
+        ({"variants": {"v": {"method": "vtvc", "set": {"svi.stepz": 3}}}}, "variants.v.set: svi.stepz: unkn"),
+        ({"variants": {"a.b": {"method": "vtvc"}}}, "variants.a.b: a variant name may hold letters"),
+        ({"threads": 0}, "threads: must be > 0 or null"),
+        ({"prior": {"kind": "spike_and_slab", "pi": 2}}, "prior.pi: 2 is outside (0.0, 1.0)"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):
@@ -117,7 +120,8 @@ def test_bad_override_syntax_names_the_key(text, message):
 
 def test_overrides_apply_in_order_and_are_validated(tmp_path):
     path = write(tmp_path, "name: t\nsvi:\n  steps: 10\n")
-    cfg = load_config(path, ["--svi.steps=20", "--svi.steps=30", "--guide.gating=stochastic", "--prior.pi=0.2"])
+    overrides = ["--svi.steps=20", "--svi.steps=30", "--guide.gating=stochastic", "--prior.pi=0.2"]
+    cfg = load_config(path, overrides)
     assert cfg.svi.steps == 30
     assert cfg.guide.gating == "stochastic"
     # the default prior is edited, not replaced
@@ -164,8 +168,8 @@ def test_yaml_round_trip_and_digest(tmp_path):
     again = from_dict(parse_yaml(to_yaml(cfg)))
     assert again == cfg
     assert digest(again) == digest(cfg)
-    assert digest(from_dict({"name": "x", "svi": {"lr": 1.0, "steps": 5}, "blocks": ["conv1", "transformer.*"]})) \
-        == digest(cfg)
+    same = from_dict({"name": "x", "svi": {"lr": 1.0, "steps": 5}, "blocks": ["conv1", "transformer.*"]})
+    assert digest(same) == digest(cfg)
     assert digest(from_dict({"name": "x", "svi": {"lr": 1.0, "steps": 6}})) != digest(cfg)
 
 

@@ -132,7 +132,8 @@ def test_merged_baselines_match_a_direct_evaluation(smoke_run, micro_zoo):
     for task in micro_zoo.task_names:
         images, labels = _subset(micro_zoo.split(task, "test"), TEST_CAP)
         head = micro_zoo.heads[task]
-        for method, state in (("zeroshot", theta0), ("finetuned", finetuned[task]), ("task_arithmetic", merged)):
+        states = {"zeroshot": theta0, "finetuned": finetuned[task], "task_arithmetic": merged}
+        for method, state in states.items():
             visual.load_state_dict(state)
             accuracy = (head(visual(images)).argmax(-1) == labels).double().mean().item()
             assert metrics[method]["tasks"][task]["accuracy"] == pytest.approx(accuracy), (method, task)
@@ -246,17 +247,36 @@ def test_force_starts_over_and_keeps_foreign_files(micro_zoo, tmp_path):
 
 
 def test_knowledge_transfer_composes_the_other_tasks(micro_zoo, tmp_path):
+    """Also exercises the Monte Carlo predictive (``eval.mc_samples``)."""
     out = run_experiment(SMOKE, [*SUBSET, "--protocol.name=knowledge_transfer", "--protocol.targets=[scenes]",
-                                 "--protocol.max_fit_per_task=32"], out=tmp_path / "kt", progress=False)
+                                 "--protocol.max_fit_per_task=32", "--eval.mc_samples=3"],
+                         out=tmp_path / "kt", progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["scenes"] and metrics["protocol"] == "knowledge_transfer"
     samples, meta = load_samples(out / "posteriors" / "vtvc" / "scenes" / "samples.safetensors")
     assert meta["task_names"] == ["mnist", "textures"] and meta["data_tasks"] == ["scenes"]
     assert samples["coef"].shape[:2] == (TEST_CAP, 2)
+    # mutual information = entropy of the mean − mean entropy of the draws: in [0, entropy]
+    assert samples["mutual_information"].shape == (TEST_CAP,)
+    assert (samples["mutual_information"] >= -1e-6).all()
+    assert (samples["mutual_information"] <= samples["entropy"] + 1e-6).all()
     elbo = (out / "posteriors" / "vtvc" / "scenes" / "elbo.csv").read_text().splitlines()
     assert len(elbo) == 1 + SMOKE_CFG["svi"]["steps"]
     assert (out / "plots" / "vtvc_scenes_coefficients.png").read_bytes()[:8] == PNG
     assert metrics["methods"]["finetuned"]["mean_normalized_accuracy"] == pytest.approx(1.0)
+
+
+def test_a_variant_runs_with_its_own_settings(micro_zoo, tmp_path):
+    out = run_experiment(SMOKE, ["--methods=[finetuned, atlas_layer]", "--variants.atlas_layer.method=atlas",
+                                 "--variants.atlas_layer.set={blocks: layer, baselines.steps: 3}"],
+                         out=tmp_path / "variant", progress=False)
+    fitted = load_file(str(out / "posteriors" / "atlas_layer" / "all" / "fitted.safetensors"))
+    assert fitted["coefficients"].shape == (3, micro_zoo.bank(blocks="layer").num_blocks)
+    assert micro_zoo.bank(blocks="layer").num_blocks < micro_zoo.bank(blocks="tensor").num_blocks
+    assert len((out / "posteriors" / "atlas_layer" / "all" / "elbo.csv").read_text().splitlines()) == 1 + 3
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert list(metrics) == ["finetuned", "atlas_layer"]
+    assert metrics["atlas_layer"]["details"]["all"]["steps"] == 3
 
 
 # ---------------------------------------------------------------- helpers against hand-worked values
@@ -316,13 +336,15 @@ def test_coefficient_stats_by_hand():
 
 def test_method_registry_and_execution_order():
     assert set(METHOD_FUNCTIONS) == set(METHODS)
-    assert execution_order(["vtvc_merged", "vtvc", "zeroshot"]) == ["finetuned", "vtvc", "zeroshot", "vtvc_merged"]
+    order = execution_order(["vtvc_merged", "vtvc", "zeroshot"])
+    assert order == ["finetuned", "vtvc", "zeroshot", "vtvc_merged"]
     assert execution_order(list(METHODS)) == list(METHODS[1:2]) + [METHODS[0], *METHODS[2:]]
 
 
 def test_gaussian_prior_keeps_the_slab_and_drops_the_spike():
     prior = {"kind": "spike_and_slab", "pi": 0.3, "temperature": 0.5, "slab": {"loc": 0.1, "scale": 2.0},
-             "overrides": [{"tasks": "mnist", "pi": 0.9}, {"blocks": "proj", "pi": 0.2, "slab": {"scale": 0.5}}]}
+             "overrides": [{"tasks": "mnist", "pi": 0.9},
+                           {"blocks": "proj", "pi": 0.2, "slab": {"scale": 0.5}}]}
     assert gaussian_prior(prior) == {"kind": "gaussian", "slab": {"loc": 0.1, "scale": 2.0},
                                      "overrides": [{"blocks": "proj", "slab": {"scale": 0.5}}]}
 

@@ -1,4 +1,4 @@
-"""Experiments: typed YAML configs, the methods comparison, run directories, tables and plots (``vtvc run``)."""
+"""Experiments (``vtvc run``): typed YAML configs, the methods comparison, run directories, tables, plots."""
 
 from vtvc_pyro.experiment.config import ConfigError, ExperimentConfig, load_config
 from vtvc_pyro.experiment.rundir import RunDirectoryError

@@ -70,11 +70,13 @@ def _chosen_tasks(available: Sequence[str], wanted: Sequence[str] | None) -> lis
     return list(wanted)
 
 
-def _limit(splits: Mapping[str, Mapping[str, Dataset]], cfg: ExperimentConfig) -> dict[str, dict[str, Dataset]]:
+def _limit(splits: Mapping[str, Mapping[str, Dataset]], cfg: ExperimentConfig
+           ) -> dict[str, dict[str, Dataset]]:
     """Apply ``protocol.max_fit_per_task`` (train and val) and ``max_test_per_task``."""
     limits = {"train": cfg.protocol.max_fit_per_task, "val": cfg.protocol.max_fit_per_task,
               "test": cfg.protocol.max_test_per_task}
-    return {s: {t: _subset(ds, limits[s], cfg.seed) for t, ds in per_task.items()} for s, per_task in splits.items()}
+    return {s: {t: _subset(ds, limits[s], cfg.seed) for t, ds in per_task.items()}
+            for s, per_task in splits.items()}
 
 
 def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchmark:
@@ -103,15 +105,31 @@ def _check_file(path: str, key: str) -> Path:
     return resolved
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Fail early, naming the key, when a real-checkpoint config points at files that do not exist."""
+    zoo = cfg.zoo
+    if zoo.preset is not None:
+        return
+    _check_file(zoo.pretrained, "zoo.pretrained")
+    for task in _chosen_tasks(list(zoo.finetuned), zoo.tasks):
+        _check_file(zoo.finetuned[task], f"zoo.finetuned.{task}")
+        if zoo.heads:
+            _check_file(zoo.heads[task], f"zoo.heads.{task}")
+    if not zoo.heads:
+        _check_file(zoo.clip, "zoo.clip")
+    if not Path(os.path.expanduser(zoo.data_root)).is_dir():
+        raise FileNotFoundError(f"zoo.data_root: directory not found: {zoo.data_root}")
+
+
 def load_benchmark(cfg: ExperimentConfig, progress: Callable[[str], None] = print) -> Benchmark:
     """The benchmark a config names (an embedded zoo, or real checkpoints and datasets)."""
     if cfg.zoo.preset is not None:
         return _from_zoo(cfg, progress)
     from vtvc_pyro.experiment.real import from_checkpoints
 
-    pretrained = _check_file(cfg.zoo.pretrained, "zoo.pretrained")
-    finetuned = {t: _check_file(p, f"zoo.finetuned.{t}") for t, p in cfg.zoo.finetuned.items()}
-    tasks = _chosen_tasks(list(finetuned), cfg.zoo.tasks)
-    bench = from_checkpoints(cfg, pretrained, {t: finetuned[t] for t in tasks}, progress)
+    check_inputs(cfg)
+    tasks = _chosen_tasks(list(cfg.zoo.finetuned), cfg.zoo.tasks)
+    finetuned = {t: _check_file(cfg.zoo.finetuned[t], f"zoo.finetuned.{t}") for t in tasks}
+    bench = from_checkpoints(cfg, _check_file(cfg.zoo.pretrained, "zoo.pretrained"), finetuned, progress)
     bench.splits = _limit(bench.splits, cfg)
     return bench

@@ -28,7 +28,9 @@ METHODS = (
 FITTED_METHODS = ("task_arithmetic", "ties", "atlas", "metanet", "vtvc_gaussian", "vtvc_stochastic", "vtvc")
 """Methods whose settings a variant may change (``variants:``)."""
 
-VARIANT_SECTIONS = ("prior", "guide", "svi", "baselines", "blocks", "protocol.alpha_grid", "protocol.ties_top_k")
+VARIANT_SECTIONS = (
+    "prior", "guide", "svi", "baselines", "blocks", "protocol.alpha_grid", "protocol.ties_top_k",
+)
 """The only keys a variant's ``set:`` may touch: the ones that change how a method is fitted."""
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))

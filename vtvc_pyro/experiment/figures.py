@@ -20,9 +20,10 @@ POSTERIOR_METHODS = ("vtvc", "vtvc_stochastic", "vtvc_gaussian")
 
 
 def load_samples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A ``samples.safetensors`` written by a VTVC method: per test sample ``inclusion``, ``loc``, ``scale``,
-    ``gate``, ``coef`` ``[N, T, B]`` and ``task``, ``label``, ``confidence``, ``correct``, ``entropy`` ``[N]``;
-    metadata ``task_names`` (task vectors), ``block_names``, ``data_tasks`` (what ``task`` indexes)."""
+    """A ``samples.safetensors`` written by a VTVC method: per test sample ``inclusion``, ``loc``,
+    ``scale``, ``gate``, ``coef`` ``[N, T, B]`` and ``task``, ``label``, ``confidence``, ``correct``,
+    ``entropy`` ``[N]``; metadata ``task_names`` (task vectors), ``block_names``, ``data_tasks`` (what
+    ``task`` indexes)."""
     with safe_open(str(path), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
         meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
@@ -32,7 +33,8 @@ def load_samples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def posterior_samples(run: RunDirectory, method: str) -> dict[str, Path]:
     """``{problem: samples.safetensors}`` of a VTVC method in a run directory."""
     root = run.posterior_dir(method)
-    return {p.name: p / "samples.safetensors" for p in sorted(root.glob("*")) if (p / "samples.safetensors").is_file()}
+    return {p.name: p / "samples.safetensors" for p in sorted(root.glob("*"))
+            if (p / "samples.safetensors").is_file()}
 
 
 def draw_figures(run: RunDirectory, cfg: ExperimentConfig, results: Mapping[str, Mapping[str, Any]],
@@ -54,9 +56,11 @@ def draw_figures(run: RunDirectory, cfg: ExperimentConfig, results: Mapping[str,
                                         meta["block_names"], written[-1],
                                         f"{method}: mean inclusion probability sigmoid(ℓ) over test samples")
                 written.append(out / f"{stem}_active.png")
-                plots.inclusion_heatmap(samples["gate"].mean(0).numpy(), meta["task_names"], meta["block_names"],
-                                        written[-1], f"{method}: share of test samples whose gate keeps the component")
+                plots.inclusion_heatmap(samples["gate"].mean(0).numpy(), meta["task_names"],
+                                        meta["block_names"], written[-1],
+                                        f"{method}: share of test samples whose gate keeps the component")
             written.append(out / f"{stem}_coefficients.png")
-            plots.coefficient_distributions(samples["coef"].numpy(), samples["task"].numpy(), meta["task_names"],
-                                            meta["data_tasks"], written[-1], f"{method}: per-sample coefficients (test)")
+            plots.coefficient_distributions(samples["coef"].numpy(), samples["task"].numpy(),
+                                            meta["task_names"], meta["data_tasks"], written[-1],
+                                            f"{method}: per-sample coefficients (test)")
     return written

@@ -9,6 +9,7 @@ import csv
 import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +54,8 @@ def _scores(ctx: Context, problem: Problem, predict: Predict, splits: Mapping[st
 
 def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks: list[str] | None = None):
     splits = {t: problem.val[t] for t in (tasks or problem.tasks)}
-    return evaluate_encoder(lambda images, _ids: encoder(images), problem.heads, splits, ctx.cfg.eval.batch_size)
+    return evaluate_encoder(lambda images, _ids: encoder(images), problem.heads, splits,
+                            ctx.cfg.eval.batch_size)
 
 
 def _svi_config(ctx: Context, settings: SVISettings | BaselineSettings) -> SVIConfig:
@@ -64,7 +66,8 @@ def _svi_config(ctx: Context, settings: SVISettings | BaselineSettings) -> SVICo
         clip_norm=svi.clip_norm, elbo=svi.elbo if bayesian else "trace",
         num_particles=svi.num_particles if bayesian else 1, kl_weight=svi.kl_weight if bayesian else 1.0,
         kl_anneal_steps=svi.kl_anneal_steps if bayesian else 0, seed=ctx.cfg.seed,
-        checkpoint_every=svi.checkpoint_every, feature_batch_size=ctx.cfg.eval.batch_size, progress=ctx.progress,
+        checkpoint_every=svi.checkpoint_every, feature_batch_size=ctx.cfg.eval.batch_size,
+        progress=ctx.progress,
     )
 
 
@@ -82,7 +85,8 @@ def _fit_details(fit: FitResult) -> dict[str, Any]:
     return {"steps": fit.steps, "resumed_from_step": fit.start_step, "final_elbo_per_datum": fit.elbo[-1]}
 
 
-def _save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> None:
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+                  ) -> None:
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -136,15 +140,18 @@ def finetuned(ctx: Context, problem: Problem) -> Outcome:
     for task in problem.tasks:
         work.load_state_dict(ctx.bench.finetuned_state_dict(task))
         val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
-        parts.append(_scores(ctx, problem, encoder_predictor(work, problem.heads), {task: problem.test[task]})[0])
-    return Outcome(Scores.concat(parts), 0.0, time.perf_counter() - start, details={"val_accuracy": val_accuracy})
+        predict = encoder_predictor(work, problem.heads)
+        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]})[0])
+    details = {"val_accuracy": val_accuracy}
+    return Outcome(Scores.concat(parts), 0.0, time.perf_counter() - start, details=details)
 
 
 def task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
     """θ0 + α Σ_t τ_t, α chosen on val."""
     bank = problem.bank
     outcome = _merged_scores(ctx, problem, lambda alpha: task_arithmetic_merge(bank, alpha))
-    outcome.coef = CoefficientStats().add(torch.full((bank.num_tasks, bank.num_blocks), outcome.details["alpha"]))
+    alpha = outcome.details["alpha"]
+    outcome.coef = CoefficientStats().add(torch.full((bank.num_tasks, bank.num_blocks), alpha))
     return outcome
 
 
@@ -155,7 +162,8 @@ def ties(ctx: Context, problem: Problem) -> Outcome:
     full = ties_merging(bank, top_k=ctx.cfg.protocol.ties_top_k, alpha=1.0)  # θ0 + merged τ
 
     def merge(alpha: float) -> dict[str, torch.Tensor]:
-        return {k: base[k] + alpha * (full[k] - base[k]) if base[k].is_floating_point() else base[k] for k in base}
+        return {k: base[k] + alpha * (full[k] - base[k]) if base[k].is_floating_point() else base[k]
+                for k in base}
 
     return _merged_scores(ctx, problem, merge)
 
@@ -186,7 +194,8 @@ def metanet(ctx: Context, problem: Problem) -> Outcome:
     bank = problem.bank
     encoder = ComposedEncoder(ctx.bench.visual, bank)
     model = MetaNetModel(encoder, problem.heads, ctx.features(problem, "fit").shape[1], bank.task_names,
-                         bank.block_names, hidden_dim=ctx.cfg.guide.hidden_dim, init_coef=ctx.cfg.guide.init_loc)
+                         bank.block_names, hidden_dim=ctx.cfg.guide.hidden_dim,
+                         init_coef=ctx.cfg.guide.init_loc)
     return _learned(ctx, problem, model)
 
 
@@ -205,12 +214,13 @@ def gaussian_prior(prior: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _guide(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str, feature_dim: int) -> GateSlabGuide:
+def _guide(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str, feature_dim: int
+           ) -> GateSlabGuide:
     g = ctx.cfg.guide
     names = (problem.bank.task_names, problem.bank.block_names)
-    common = {"prior": prior, "gating": gating, "rule": ImportanceUncertaintyGate(g.tau0, g.beta, g.sharpness),
-              "temperature": g.temperature, "init_loc": g.init_loc, "init_scale": g.init_scale,
-              "init_prob": g.init_prob}
+    rule = ImportanceUncertaintyGate(g.tau0, g.beta, g.sharpness)
+    common = {"prior": prior, "gating": gating, "rule": rule, "temperature": g.temperature,
+              "init_loc": g.init_loc, "init_scale": g.init_scale, "init_prob": g.init_prob}
     if g.kind == "amortized":
         return AmortizedGuide(feature_dim, *names, hidden_dim=g.hidden_dim, **common)
     return TaskLevelGuide(*names, **common)
@@ -250,7 +260,8 @@ def _vtvc(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str)
     confidence, predicted = probs.max(-1)
     _save_tensors(out / "samples.safetensors", {
         **{k: summary[k].float() for k in ("inclusion", "loc", "scale", "gate", "coef")},
-        "task": task, "label": labels, "confidence": confidence.float(), "correct": (predicted == labels).to(torch.uint8),
+        "task": task, "label": labels, "confidence": confidence.float(),
+        "correct": (predicted == labels).to(torch.uint8),
         "entropy": _entropy(probs).float(), **{k: v.float() for k, v in extra.items()},
     }, {"data_tasks": problem.tasks, "task_names": bank.task_names, "block_names": bank.block_names})
     with atomic_write(out / "components.csv") as handle:
@@ -290,7 +301,8 @@ def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
         merge_start = time.perf_counter()
         work.load_state_dict(problem.bank.merge(task_coef[task]))
         merge_seconds += time.perf_counter() - merge_start
-        parts.append(_scores(ctx, problem, encoder_predictor(work, problem.heads), {task: problem.test[task]})[0])
+        predict = encoder_predictor(work, problem.heads)
+        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]})[0])
     eval_seconds = time.perf_counter() - start - merge_seconds
     return Outcome(Scores.concat(parts), merge_seconds, eval_seconds, stats)
 

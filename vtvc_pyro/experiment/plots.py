@@ -1,23 +1,21 @@
-"""PNG figures of a run, drawn from plain arrays and dicts (matplotlib, Agg backend), written atomically."""
+"""PNG figures of a run, drawn from plain arrays and dicts and written atomically. Figures are built with
+``matplotlib.figure.Figure`` (rendered by Agg), never through pyplot, so importing this module leaves the
+caller's matplotlib backend alone."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vtvc_pyro.io import atomic_path  # noqa: E402
+from vtvc_pyro.io import atomic_path
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+def _save(fig: Figure, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def _short(name: str) -> str:
@@ -33,7 +31,8 @@ def inclusion_heatmap(
     if prob.shape != (len(task_names), len(block_names)):
         raise ValueError(f"prob has shape {prob.shape}, expected ({len(task_names)}, {len(block_names)})")
     width = min(24.0, 3.0 + 0.12 * len(block_names))
-    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.35 * len(task_names)))
+    fig = Figure(figsize=(width, 1.2 + 0.35 * len(task_names)))
+    ax = fig.subplots()
     image = ax.imshow(prob, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(task_names)), task_names)
     step = max(1, len(block_names) // 60)
@@ -51,7 +50,7 @@ def coefficient_distributions(
 ) -> None:
     """Left: per task vector, the distribution over samples of its block-averaged coefficient.
     Right: the mean of that coefficient over the samples of each group (rows: the samples' own task) and
-    each task vector (columns). ``coef`` is ``[N, T, B]``, ``sample_group`` ``[N]`` indexes ``group_names``."""
+    each task vector (columns). ``coef`` ``[N, T, B]``; ``sample_group`` ``[N]`` indexes ``group_names``."""
     coef = np.asarray(coef, dtype=float)
     sample_group = np.asarray(sample_group)
     if coef.ndim != 3 or coef.shape[1] != len(vector_names) or coef.shape[0] != sample_group.shape[0]:
@@ -59,7 +58,8 @@ def coefficient_distributions(
             f"coef must be [N, T={len(vector_names)}, B] with N = {sample_group.shape[0]}, got {coef.shape}"
         )
     per_vector = coef.mean(axis=2)  # [N, T]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(5.0 + 2.0 * len(vector_names), 4.5), layout="constrained")
+    fig = Figure(figsize=(5.0 + 2.0 * len(vector_names), 4.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
     left.violinplot([per_vector[:, t] for t in range(len(vector_names))], showmeans=True)
     left.set_xticks(range(1, len(vector_names) + 1), vector_names, rotation=45, ha="right")
     left.set_ylabel("mean coefficient over blocks")
@@ -80,7 +80,8 @@ def reliability_diagram(curves: Mapping[str, Mapping[str, Sequence[float]]], pat
                         bins: int = 15) -> None:
     """Accuracy against confidence per method: ``{method: {"confidence": [...], "accuracy": [...]}}`` with
     one entry per non-empty bin (see :func:`vtvc_pyro.experiment.scoring.reliability_bins`)."""
-    fig, ax = plt.subplots(figsize=(5.0, 5.0))
+    fig = Figure(figsize=(5.0, 5.0))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
     for method, curve in curves.items():
         ax.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=3, label=method)
@@ -100,12 +101,11 @@ def accuracy_bars(
     methods = list(accuracy)
     tasks = list(dict.fromkeys(t for row in accuracy.values() for t in row))
     groups = [*tasks, "mean"]
-    values = np.array(
-        [[accuracy[m].get(t, np.nan) for t in tasks] + [np.nanmean([accuracy[m].get(t, np.nan) for t in tasks])]
-         for m in methods]
-    )
+    per_task = np.array([[accuracy[m].get(t, np.nan) for t in tasks] for m in methods])
+    values = np.concatenate([per_task, np.nanmean(per_task, axis=1, keepdims=True)], axis=1)
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(methods)) * 0.35), 4.0))
+    fig = Figure(figsize=(max(6.0, 0.4 * len(groups) * max(1, len(methods))), 4.0))
+    ax = fig.subplots()
     x = np.arange(len(groups))
     for i, method in enumerate(methods):
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, values[i], width, label=method)

@@ -66,7 +66,8 @@ def make_problems(cfg: ExperimentConfig, bench: Benchmark) -> list[Problem]:
         others = [t for t in bench.task_names if t != target]
         problems.append(Problem(
             target, [target], bank.select_tasks(others), HeadBank({target: bench.heads[target]}),
-            {target: splits["train"][target]}, {target: splits["val"][target]}, {target: splits["test"][target]},
+            {target: splits["train"][target]}, {target: splits["val"][target]},
+            {target: splits["test"][target]},
         ))
     return problems
 
@@ -84,8 +85,10 @@ class FeatureCache:
         key = (problem.name, split)
         if key not in self._cache:
             data = problem.joined(split)
-            chunks = [torch.arange(i, min(i + self.batch_size, len(data))) for i in range(0, len(data), self.batch_size)]
-            self._cache[key] = torch.cat([F.normalize(self.visual(collate_items(data, c)[0]), dim=-1) for c in chunks])
+            step = self.batch_size
+            chunks = [torch.arange(i, min(i + step, len(data))) for i in range(0, len(data), step)]
+            features = [F.normalize(self.visual(collate_items(data, c)[0]), dim=-1) for c in chunks]
+            self._cache[key] = torch.cat(features)
         return self._cache[key]
 
 

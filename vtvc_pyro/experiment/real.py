@@ -31,15 +31,14 @@ def from_checkpoints(cfg: ExperimentConfig, pretrained: Path, finetuned: Mapping
         heads = {t: ClassificationHead.load(os.path.expanduser(zoo.heads[t])) for t in finetuned}
     else:
         clip_path = Path(os.path.expanduser(zoo.clip))
-        if not clip_path.is_file():
-            raise FileNotFoundError(f"zoo.clip: file not found: {clip_path}")
         progress(f"zero-shot heads from the text tower of {clip_path}")
         clip = create_model(zoo.model, pretrained=clip_path, trust_pickle=zoo.trust_pickle).eval()
         tokenizer = open_clip.get_tokenizer(zoo.model)
-        heads = {t: ClassificationHead.from_text_tower(clip, tokenizer, tasks[t].class_names, tasks[t].templates)
-                 for t in finetuned}
+        heads = {t: ClassificationHead.from_text_tower(clip, tokenizer, tasks[t].class_names,
+                                                       tasks[t].templates) for t in finetuned}
     return Benchmark(
-        description=f"{zoo.model} from {pretrained} with {len(finetuned)} task checkpoints, data in {zoo.data_root}",
+        description=f"{zoo.model} from {pretrained} with {len(finetuned)} task checkpoints, "
+                    f"data in {zoo.data_root}",
         task_names=list(finetuned),
         model=model,
         heads=HeadBank(heads),

@@ -57,7 +57,8 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value:.3f}" if kind == "3" else f"{value:.2f}"
 
 
-def table_rows(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
+               ) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the comparison table (accuracies in %)."""
     header = ["method", *tasks, "mean acc", "mean norm. acc", "NLL", "ECE", "sparsity",
               "active TVs/block", "fit s", "eval s"]
@@ -86,10 +87,10 @@ def to_markdown(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], tit
     lines.extend("| " + " | ".join(cells) + " |" for cells in body)
     lines += [
         "",
-        "Per-task and mean accuracies are test accuracies in %; normalised accuracy divides by the fine-tuned "
-        "model's accuracy on the same task. NLL and ECE (15 bins) are means over tasks. Sparsity is the share "
-        "of gated-off (zero) components; active TVs/block is the mean number of task vectors with a non-zero "
-        "coefficient in a block.",
+        "Per-task and mean accuracies are test accuracies in %; normalised accuracy divides by the "
+        "fine-tuned model's accuracy on the same task. NLL and ECE are means over tasks. Sparsity is the "
+        "share of gated-off (zero) components; active TVs/block is the mean number of task vectors with a "
+        "non-zero coefficient in a block.",
     ]
     return "\n".join(lines) + "\n"
 

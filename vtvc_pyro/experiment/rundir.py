@@ -111,8 +111,8 @@ class RunDirectory:
 
     @classmethod
     def open(
-        cls, root: str | os.PathLike, config: dict[str, Any], config_digest: str, invocation: Mapping[str, Any],
-        force: bool = False,
+        cls, root: str | os.PathLike, config: dict[str, Any], config_digest: str,
+        invocation: Mapping[str, Any], force: bool = False,
     ) -> RunDirectory:
         """Create, resume (same config) or — with ``force`` — restart the run in ``root``; ``invocation``
         (argv, config path, overrides, ...) is appended to ``argv.json``."""

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from vtvc_pyro.experiment import report
-from vtvc_pyro.experiment.benchmark import load_benchmark
+from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
 from vtvc_pyro.experiment.figures import draw_figures
 from vtvc_pyro.experiment.methods import METHOD_FUNCTIONS
@@ -97,6 +97,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     """
     console = console or Console()
     cfg = load_config(config_path, overrides)
+    check_inputs(cfg)
     root = Path(out) if out is not None else Path("runs") / Path(config_path).stem
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
                   "out": os.fspath(root), "force": force}

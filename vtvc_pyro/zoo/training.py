@@ -15,9 +15,15 @@ from vtvc_pyro.heads import ClassificationHead
 from vtvc_pyro.zoo.presets import TrainConfig
 
 
-def _optimizer(params, config: TrainConfig, total_steps: int):
-    """AdamW with linear warm-up then cosine decay to zero over ``total_steps``."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+def _optimizer(module: torch.nn.Module, config: TrainConfig, total_steps: int):
+    """AdamW with linear warm-up then cosine decay to zero over ``total_steps``. As in open_clip's
+    training, gains, biases, embeddings of size 1 and the logit scale get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
     warmup = max(1, int(config.warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -52,7 +58,7 @@ def pretrain_clip(
         raise ValueError(f"{len(images)} images but {len(caption_options)} caption option lists")
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    optimizer, schedule = _optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
+    optimizer, schedule = _optimizer(model, config, config.epochs * steps_per_epoch)
     loss_fn = ClipLoss()
     model.train()
     epoch_loss = float("nan")
@@ -95,7 +101,7 @@ def finetune_encoder(
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    optimizer, schedule = _optimizer(visual.parameters(), config, config.epochs * steps_per_epoch)
+    optimizer, schedule = _optimizer(visual, config, config.epochs * steps_per_epoch)
     visual.train()
     epoch_loss = float("nan")
     with tqdm(total=config.epochs * steps_per_epoch, desc=desc, leave=False) as bar:
