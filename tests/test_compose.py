@@ -177,6 +177,24 @@ def test_cost_grows_with_active_task_vectors_only(active):
     assert sum(counter.count.values()) == 10 * (1 + active)
 
 
+def test_auto_forms_per_sample_weights_only_without_autograd():
+    # dense coefficients over many tokens: forming per-sample weights (bmm) beats 1 + T GEMMs per layer,
+    # but under autograd it would keep a weight copy per sample alive, so auto stays composed there
+    visual = VisionTransformer(**{**TOWERS["gelu"], "image_size": 32}).eval()
+    pre = visual.state_dict()
+    bank = TaskVectorBank.from_state_dicts(pre, finetuned(pre, 8))
+    x, coef = images_for(visual, 3), 0.3 * torch.randn(3, 8, bank.num_blocks)
+    enc = ComposedEncoder(visual, bank)
+    with torch.no_grad(), CountGemms() as no_grad:
+        out = enc(x, coef)
+    with CountGemms() as with_grad:
+        out_grad = enc(x, coef.requires_grad_(True))
+    assert no_grad.count["bmm"] > 0 and with_grad.count["bmm"] == 0
+    assert max_diff(out, out_grad.detach()) <= TOL
+    with torch.no_grad():
+        assert max_diff(out, oracle(visual, bank, x, coef)) <= TOL
+
+
 def oracle_grad(visual, pre, fts, bank, x, coef, target):
     ref_coef = coef.detach().clone().requires_grad_(True)
     ref = torch.cat([functional_call(visual, hand_merge(pre, fts, bank, ref_coef[n]), (x[n:n + 1],))

@@ -103,6 +103,22 @@ def test_triton_kernel_equals_torch_path(states, dtype):
             torch.testing.assert_close(out[10:20], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_merge_into_a_reused_buffer(states, backend):
+    _, pre, fts = states
+    bank = TaskVectorBank.from_state_dicts(pre, fts)
+    out = torch.full((bank.num_params,), float("nan"))  # stale contents must not leak into the result
+    for coef in (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.0, 1.0, 0.0])):
+        merged = bank.merge(coef, backend=backend, out=out)
+        assert all(merged[k].untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                   for k in bank.param_names)
+        assert_state_close(merged, naive_merge(pre, fts, coef, None), atol=1e-6)
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[P\] = \[19840\] tensor"):
+        bank.merge(torch.ones(3), out=torch.empty(10))
+    with pytest.raises(ValueError, match="out must not share memory with base"):
+        bank.merge(torch.ones(3), out=bank.base)
+
+
 def test_bad_coefficients_raise(states):
     _, pre, fts = states
     bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")

@@ -190,6 +190,14 @@ def _restore(snapshot: Mapping[str, torch.Tensor]) -> None:
                 param.copy_(snapshot[name])
 
 
+def _checkpoint_state(step: int, config: SVIConfig, optim: pyro.optim.PyroOptim, order: dict[str, int],
+                      losses: list[float]) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly as an uninterrupted one."""
+    return {"format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(config),
+            "params": {n: p.detach().cpu().clone() for n, p in _named_params().items()},
+            "optimizer": optim.get_state(), "rng": _rng_state(), "data_order": order, "losses": losses}
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write a checkpoint atomically (torch format, tensors and plain containers only)."""
     with atomic_path(path) as tmp:
@@ -308,15 +316,9 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
                 kl_scale = config.kl_scale(step)
                 loss = _guarded_step(svi, batch, kl_scale, step) / num_data
                 losses.append(loss)
-                if checkpoint_path is not None and (
-                    step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                ):
-                    save_checkpoint(checkpoint_path, {
-                        "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(config),
-                        "params": {n: p.detach().cpu().clone() for n, p in _named_params().items()},
-                        "optimizer": optim.get_state(), "rng": _rng_state(), "data_order": order,
-                        "losses": losses,
-                    })
+                every = config.checkpoint_every
+                if checkpoint_path is not None and (step == config.steps or (every and step % every == 0)):
+                    save_checkpoint(checkpoint_path, _checkpoint_state(step, config, optim, order, losses))
                 bar.update(1)
                 bar.set_postfix(elbo_per_datum=f"{-loss:.4f}")
                 if callback is not None:

@@ -25,7 +25,8 @@ class GateBernoulli(TorchDistribution):
 
     A draw is a relaxed straight-through sample (exact 0/1 forward, gradient of
     ``RelaxedBernoulli(temperature, logits)``), or the given gated ``decision`` (METHOD §4). ``log_prob`` is
-    the Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate.
+    the Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate for
+    relaxed draws and a plug-in one at a gated decision; ``TraceMeanField_ELBO`` uses the exact KL.
     """
 
     arg_constraints = {"logits": constraints.real}

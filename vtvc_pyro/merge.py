@@ -39,12 +39,15 @@ def merge_flat(
     coef: torch.Tensor,
     segments: Sequence[tuple[int, int]],
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[s:e] = base[s:e] + Σ_t coef[t, b] · vectors[t, s:e]`` for every block segment ``b = (s, e)``.
 
     ``base`` ``[P]`` float32, ``vectors`` ``[T, P]`` (float32/bf16/fp16, accumulated in float32), ``coef``
-    ``[T]`` (same for all blocks) or ``[T, B]``. Columns outside every segment get ``base``. Returns a
-    new float32 ``[P]`` tensor. ``backend="auto"`` uses the fused Triton kernel on CUDA and torch elsewhere.
+    ``[T]`` (same for all blocks) or ``[T, B]``; segments must not overlap. Columns outside every segment
+    get ``base``. Writes into ``out`` (a float32 ``[P]`` buffer, reused across merges: allocating fresh
+    memory costs about as much as the merge itself on CPU) or a new tensor, and returns it.
+    ``backend="auto"`` uses the fused Triton kernel on CUDA and torch elsewhere.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -52,13 +55,21 @@ def merge_flat(
     if base.shape != (P,) or base.dtype != torch.float32:
         raise ValueError(f"base must be float32 [P] = [{P}], got {base.dtype} {list(base.shape)}")
     coef = check_coef(coef, T, len(segments), device=vectors.device)
+    if out is None:
+        out = torch.empty_like(base)
+    elif (out.shape, out.dtype, out.device) != ((P,), torch.float32, base.device) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [P] = [{P}] tensor on {base.device}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    elif out.untyped_storage().data_ptr() in (base.untyped_storage().data_ptr(),
+                                               vectors.untyped_storage().data_ptr()):
+        raise ValueError("out must not share memory with base or vectors")
     if backend == "triton" or (backend == "auto" and vectors.is_cuda and _triton_available()):
         from vtvc_pyro.triton_merge import triton_merge_flat
 
         if coef.dim() == 1:
             coef = coef[:, None].expand(T, len(segments))
-        return triton_merge_flat(base, vectors, coef.contiguous(), segments)
-    return _torch_merge_flat(base, vectors, coef, segments)
+        return triton_merge_flat(base, vectors, coef.contiguous(), segments, out)
+    return _torch_merge_flat(base, vectors, coef, segments, out)
 
 
 def _triton_available() -> bool:
@@ -70,10 +81,10 @@ def _triton_available() -> bool:
 
 
 def _torch_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
-                      segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+                      segments: Sequence[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
     # One matrix-vector product per block segment (per run of adjacent segments for [T] coefficients),
     # written straight into the output: reads (T+1)·P numbers, writes P, no Python loop over tasks or tensors.
-    out = base.clone()
+    out.copy_(base)
     if coef.dim() == 1:
         runs: list[list[int]] = []
         for start, stop in sorted(segments):

@@ -99,6 +99,8 @@ class PriorOverride:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], where: str = "overrides") -> PriorOverride:
         allowed = ("tasks", "blocks", "pi", "slab", "pi_prior")
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {type(mapping).__name__}")
         unknown = sorted(set(mapping) - set(allowed))
         if unknown:
             raise ValueError(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(allowed)}")

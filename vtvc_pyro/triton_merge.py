@@ -46,16 +46,18 @@ def _chunk_table(segments: tuple[tuple[int, int], ...], device: torch.device) ->
 
 
 def triton_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
-                      segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Fused ``base + Σ_t coef[t, b] · vectors[t]`` over block segments; ``coef`` is float32 ``[T, B]``."""
+                      segments: Sequence[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+    """Fused ``out = base + Σ_t coef[t, b] · vectors[t]`` over non-overlapping block segments; ``coef`` is
+    float32 ``[T, B]``."""
     if not vectors.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("the Triton merge needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                            f"imported to run on {vectors.device} tensors; use backend='torch' instead")
     if not vectors.is_contiguous():
         raise ValueError("vectors must be a contiguous [T, P] buffer")
     T, P = vectors.shape
-    out = base.clone()  # columns outside every segment keep θ0
     starts, lengths, blocks = _chunk_table(tuple((int(s), int(e)) for s, e in segments), vectors.device)
+    if int(lengths.sum()) < P:  # columns outside every segment keep θ0
+        out.copy_(base)
     if starts.numel():
         kernel = _merge_kernel[(starts.numel(),)]
         kernel(base, vectors, coef, out, starts, lengths, blocks, T, P, len(segments), BLOCK=CHUNK)
