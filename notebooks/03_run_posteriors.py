@@ -43,9 +43,10 @@ SMOKE = os.environ.get("VTVC_NOTEBOOK_SMOKE") == "1"
 if os.environ.get("VTVC_RUN_DIR"):
     run_dir = Path(os.environ["VTVC_RUN_DIR"])
 elif SMOKE:
+    scratch = tempfile.TemporaryDirectory()  # removed when the kernel exits
     run_dir = run_experiment(Path("..", "experiments", "configs", "smoke.yaml"),
                              ["--methods=[zeroshot, finetuned, vtvc]"],
-                             out=Path(tempfile.mkdtemp()) / "smoke", progress=False)
+                             out=Path(scratch.name) / "smoke", progress=False)
 else:
     run_dir = Path("..", "runs", "quickstart")
 METHOD = "vtvc"

@@ -27,7 +27,8 @@ from vtvc_pyro.heads import ClassificationHead, HeadBank
 
 def test_ece_hand_worked_15_bins():
     # confidences 0.9 and 0.88 share bin (13/15, 14/15]; 0.75, 0.7 and 0.55 sit alone in their bins.
-    probs = torch.tensor([[0.9, 0.1], [0.88, 0.12], [0.25, 0.75], [0.3, 0.7], [0.55, 0.45]], dtype=torch.float64)
+    probs = torch.tensor([[0.9, 0.1], [0.88, 0.12], [0.25, 0.75], [0.3, 0.7], [0.55, 0.45]],
+                         dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 0])
     # bin of 0.9/0.88: accuracy 1/2, confidence 0.89 -> 2/5 * 0.39; 0.75 wrong; 0.7 right; 0.55 right
     expected = 2 / 5 * 0.39 + 1 / 5 * 0.75 + 1 / 5 * 0.3 + 1 / 5 * 0.45

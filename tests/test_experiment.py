@@ -279,6 +279,47 @@ def test_a_variant_runs_with_its_own_settings(micro_zoo, tmp_path):
     assert metrics["atlas_layer"]["details"]["all"]["steps"] == 3
 
 
+def _image_folder(root: Path, classes: list[str], count: int, seed: int) -> None:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = (torch.rand(12, 12, 3, generator=rng) * 64 + 48 * c).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
+
+
+def test_real_checkpoints_path_with_local_files(micro_zoo, tmp_path):
+    """``zoo.preset: null``: an open_clip architecture, checkpoint files, heads built from a full CLIP's text
+    tower, and standard-dataset layouts (fake DTD and EuroSAT images) under a data root."""
+    from vtvc_pyro.standard_tasks import EUROSAT_CLASSES
+
+    micro_zoo.create_model()  # registers the micro architecture with open_clip
+    data = tmp_path / "data"
+    _image_folder(data / "dtd" / "train", ["banded", "dotted", "striped"], 10, 0)
+    _image_folder(data / "dtd" / "val", ["banded", "dotted", "striped"], 4, 1)
+    _image_folder(data / "EuroSAT_splits" / "train", sorted(EUROSAT_CLASSES), 3, 2)
+    _image_folder(data / "EuroSAT_splits" / "test", sorted(EUROSAT_CLASSES), 2, 3)
+    config = tmp_path / "real.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "real", "threads": 1,
+        "zoo": {"preset": None, "model": micro_zoo.model_name, "pretrained": str(micro_zoo.pretrained_path),
+                "finetuned": {"DTD": str(micro_zoo.finetuned_paths["textures"]),
+                              "EuroSAT": str(micro_zoo.finetuned_paths["scenes"])},
+                "clip": str(micro_zoo.clip_path), "data_root": str(data)},
+        "protocol": {"alpha_grid": [0.0, 0.5]},
+        "methods": ["zeroshot", "finetuned", "task_arithmetic", "vtvc"],
+        "svi": {"steps": 3, "batch_size": 8}, "eval": {"batch_size": 16},
+    }))
+    out = run_experiment(config, out=tmp_path / "run", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["DTD", "EuroSAT"]
+    assert {t: m["n"] for t, m in metrics["methods"]["zeroshot"]["tasks"].items()} == {"DTD": 12, "EuroSAT": 20}
+    samples, meta = load_samples(out / "posteriors" / "vtvc" / "all" / "samples.safetensors")
+    assert meta["task_names"] == ["DTD", "EuroSAT"] and samples["coef"].shape[:2] == (32, 2)
+
+
 # ---------------------------------------------------------------- helpers against hand-worked values
 
 

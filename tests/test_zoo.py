@@ -34,12 +34,14 @@ def test_layout_and_manifest(micro_zoo):
     assert all(p.is_file() for p in micro_zoo.finetuned_paths.values())
     manifest = json.loads((micro_zoo.root / "zoo.json").read_text())
     assert manifest["model_name"] == preset.model_name
-    for task, info in manifest["tasks"].items():
+    for info in manifest["tasks"].values():
         assert info["class_names"] and info["templates"]
         assert info["sizes"]["val"] == int(0.1 * (info["sizes"]["train"] + info["sizes"]["val"]))
     assert verify_zoo(micro_zoo.root) == []
-    assert set(manifest["files"]) >= {"pretrained.safetensors", "clip.safetensors", "finetuned/mnist.safetensors",
-                                      "heads/mnist.safetensors", "data/mnist.safetensors"}
+    assert set(manifest["files"]) >= {"pretrained.safetensors", "clip.safetensors",
+                                      "data/pretrain.safetensors", "finetuned/mnist.safetensors",
+                                      "heads/mnist.safetensors", "data/mnist.safetensors",
+                                      f"{preset.model_name}.json"}
 
 
 def test_checkpoints_load_back_through_the_foundation(micro_zoo):

@@ -43,7 +43,8 @@ class TaskMetrics:
 
 def _check_pair(scores: torch.Tensor, labels: torch.Tensor) -> None:
     if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected scores [N, C] and labels [N], got {list(scores.shape)} and {list(labels.shape)}")
+        raise ValueError(f"expected scores [N, C] and labels [N], got {list(scores.shape)} and "
+                         f"{list(labels.shape)}")
     if scores.shape[0] == 0:
         raise ValueError("cannot score an empty set of predictions")
     if labels.min() < 0 or labels.max() >= scores.shape[1]:
@@ -76,7 +77,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bi
     for b in range(num_bins):
         in_bin = bins == b
         if in_bin.any():
-            ece += in_bin.sum().item() / n * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+            gap = correct[in_bin].mean().item() - confidence[in_bin].mean().item()
+            ece += in_bin.sum().item() / n * abs(gap)
     return ece
 
 
@@ -168,14 +170,12 @@ def select_alpha(
     """
     if not grid:
         raise ValueError("select_alpha needs a non-empty grid")
-    best: AlphaSelection | None = None
-    scores = {}
-    for alpha in grid:
-        metrics = dict(evaluate_at(float(alpha)))
-        scores[float(alpha)] = mean_normalized_accuracy(metrics, finetuned_acc)
-        if best is None or scores[float(alpha)] > best.score:
-            best = AlphaSelection(float(alpha), scores[float(alpha)], metrics, {})
-    return AlphaSelection(best.alpha, best.score, best.metrics, scores)
+    scores, metrics = {}, {}
+    for alpha in map(float, grid):
+        metrics[alpha] = dict(evaluate_at(alpha))
+        scores[alpha] = mean_normalized_accuracy(metrics[alpha], finetuned_acc)
+    best = max(scores, key=scores.__getitem__)  # the first maximum in grid order
+    return AlphaSelection(best, scores[best], metrics[best], scores)
 
 
 def results_table(rows: Mapping[str, Mapping[str, TaskMetrics]],

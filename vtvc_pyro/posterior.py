@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from vtvc_pyro.guide import GateSlabGuide
 from vtvc_pyro.inference import pretrained_features
-from vtvc_pyro.model import Batch, FrozenNetworks, VTVCModel, collate_items, own_params
+from vtvc_pyro.model import Batch, FrozenNetworks, VTVCModel, own_params
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -103,8 +103,10 @@ class Posterior:
             for key, value in zip(parts, (inclusion, loc, scale, gate, gate * loc), strict=True):
                 parts[key].append(value.cpu())
         out = {key: torch.cat(values) for key, values in parts.items()}
-        task_ids = getattr(data, "task_ids", None)
-        out["task"] = task_ids if task_ids is not None else collate_items(data, torch.arange(len(data)))[2]
+        task_ids = getattr(data, "task_ids", None)  # MultiTaskDataset knows them without loading images
+        if task_ids is None:
+            task_ids = torch.tensor([int(data[i][3]) for i in range(len(data))])
+        out["task"] = task_ids
         return out
 
     def component_summary(self, summary: dict[str, torch.Tensor], by_data_task: bool = False) -> pd.DataFrame:

@@ -46,19 +46,22 @@ GTSRB_CLASSES = [
     "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
     "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
     "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
-    "red and white circle red truck and black car no passing", "red and white triangle road intersection warning",
+    "red and white circle red truck and black car no passing",
+    "red and white triangle road intersection warning",
     "white and yellow diamond priority road", "red and white upside down triangle yield right-of-way", "stop",
     "empty red and white circle", "red and white circle no truck entry",
     "red circle with white horizonal stripe no entry", "red and white triangle with exclamation mark warning",
     "red and white triangle with black left curve approaching warning",
     "red and white triangle with black right curve approaching warning",
     "red and white triangle with black double curve approaching warning",
-    "red and white triangle rough / bumpy road warning", "red and white triangle car skidding / slipping warning",
+    "red and white triangle rough / bumpy road warning",
+    "red and white triangle car skidding / slipping warning",
     "red and white triangle with merging / narrow lanes warning",
     "red and white triangle with person digging / construction / road work warning",
     "red and white triangle with traffic light approaching warning",
     "red and white triangle with person walking warning",
-    "red and white triangle with child and person walking warning", "red and white triangle with bicyle warning",
+    "red and white triangle with child and person walking warning",
+    "red and white triangle with bicyle warning",
     "red and white triangle with snowflake / ice warning", "red and white triangle with deer warning",
     "white circle with gray strike bar no speed limit", "blue circle with white right turn arrow mandatory",
     "blue circle with white left turn arrow mandatory", "blue circle with white forward arrow mandatory",
@@ -72,7 +75,8 @@ GTSRB_CLASSES = [
 
 TEMPLATES: dict[str, list[str]] = {
     "Cars": ["a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
+             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
+             "a photo of my old {}."],
     "DTD": ["a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
             "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
             "a photo of the {} thing.", "a photo of the {} object."],
@@ -91,7 +95,8 @@ TEMPLATES: dict[str, list[str]] = {
 # Paths (relative to the data root) each dataset needs; a trailing "/" marks a directory.
 LAYOUTS: dict[str, list[str]] = {
     "Cars": ["stanford_cars/devkit/cars_meta.mat", "stanford_cars/devkit/cars_train_annos.mat",
-             "stanford_cars/cars_train/", "stanford_cars/cars_test_annos_withlabels.mat", "stanford_cars/cars_test/"],
+             "stanford_cars/cars_train/", "stanford_cars/cars_test_annos_withlabels.mat",
+             "stanford_cars/cars_test/"],
     "DTD": ["dtd/train/", "dtd/val/"],
     "EuroSAT": ["EuroSAT_splits/train/", "EuroSAT_splits/test/"],
     "GTSRB": ["gtsrb/GTSRB/Training/", "gtsrb/GTSRB/Final_Test/Images/", "gtsrb/GT-final_test.csv"],
@@ -205,7 +210,8 @@ def _load_raw(name: str, root: Path, transform) -> tuple[Dataset, Dataset, list[
         train = _image_folder(folder, transform, in_split("train"))
         if train.classes != RESISC45_CLASSES:
             raise ValueError(f"RESISC45 class folders under {folder} differ from the 45 standard classes")
-        return train, _image_folder(folder, transform, in_split("test")), [c.replace("_", " ") for c in train.classes]
+        test = _image_folder(folder, transform, in_split("test"))
+        return train, test, [c.replace("_", " ") for c in train.classes]
     raise KeyError(f"unknown standard dataset {name!r}; choose one of {list(STANDARD_TASKS)}")
 
 

@@ -21,9 +21,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Benchmark:
-    """θ0 (``model``, eval mode), the tasks' checkpoints and heads, and ``splits[split][task]`` datasets."""
+    """θ0 (``model``, eval mode), the tasks' checkpoints and heads, and ``splits[split][task]`` datasets;
+    ``description`` names it in tables, ``source`` says where it was read from."""
 
     description: str
+    source: str
     task_names: list[str]
     model: nn.Module
     heads: HeadBank
@@ -88,7 +90,8 @@ def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchma
     tasks = _chosen_tasks(zoo.task_names, cfg.zoo.tasks)
     splits = {s: {t: zoo.split(t, s) for t in tasks} for s in SPLITS}
     return Benchmark(
-        description=f"embedded zoo '{zoo.preset}' ({zoo.model_name}) at {zoo.root}",
+        description=f"embedded zoo '{zoo.preset}' ({zoo.model_name})",
+        source=str(zoo.root),
         task_names=tasks,
         model=zoo.create_model().eval(),
         heads=HeadBank({t: zoo.heads[t] for t in tasks}),

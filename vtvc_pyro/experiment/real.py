@@ -37,8 +37,8 @@ def from_checkpoints(cfg: ExperimentConfig, pretrained: Path, finetuned: Mapping
         heads = {t: ClassificationHead.from_text_tower(clip, tokenizer, tasks[t].class_names,
                                                        tasks[t].templates) for t in finetuned}
     return Benchmark(
-        description=f"{zoo.model} from {pretrained} with {len(finetuned)} task checkpoints, "
-                    f"data in {zoo.data_root}",
+        description=f"{zoo.model}, {len(finetuned)} task checkpoints",
+        source=f"{pretrained}, {len(finetuned)} fine-tuned checkpoints, data in {zoo.data_root}",
         task_names=list(finetuned),
         model=model,
         heads=HeadBank(heads),

@@ -1,4 +1,4 @@
-"""The comparison table and ``metrics.json`` of a run, from the per-method result dicts.
+"""The comparison table of a run (``table.md``, ``table.csv``), from the per-method result dicts.
 
 A method result is plain data: ``{"tasks": {task: {"accuracy", "nll", "ece", "n"}}, "sparsity",
 "active_per_block", "fit_seconds", "eval_seconds", ...}``. Normalised accuracy is accuracy divided by the
@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vtvc_pyro.io import atomic_write, write_json
+from vtvc_pyro.io import atomic_write
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -119,7 +119,3 @@ def write_tables(
                 record[f"normalized_accuracy.{t}"] = row["tasks"][t]["normalized_accuracy"]
             record.update({k: row[k] for k in fields[1 + 2 * len(tasks):]})
             writer.writerow({k: "" if v is None else v for k, v in record.items()})
-
-
-def write_metrics(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
-    write_json(path, payload)

@@ -29,6 +29,7 @@ from vtvc_pyro.experiment.methods import METHOD_FUNCTIONS
 from vtvc_pyro.experiment.problem import Context, FeatureCache, Outcome, Problem, make_problems
 from vtvc_pyro.experiment.rundir import RunDirectory
 from vtvc_pyro.experiment.scoring import CoefficientStats, Scores, reliability_bins
+from vtvc_pyro.io import write_json
 
 
 def execution_order(methods: Sequence[str]) -> list[str]:
@@ -105,7 +106,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     with _logger(run.log_path, console) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
-        log(f"benchmark: {bench.description}; tasks {bench.task_names}")
+        log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
         features = FeatureCache(bench.visual, cfg.eval.batch_size)
         results: dict[str, dict[str, Any]] = {}
         order = execution_order(cfg.methods)
@@ -137,13 +138,14 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         tasks = list(results["finetuned"]["tasks"])
         finetuned_accuracy = {t: m["accuracy"] for t, m in results["finetuned"]["tasks"].items()}
         rows = report.summarize({m: results[m] for m in cfg.methods}, tasks, finetuned_accuracy)
-        title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {bench.description.split(' at ')[0]}"
+        title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {bench.description}"
         report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
-        report.write_metrics(run.root / "metrics.json", {
+        write_json(run.root / "metrics.json", {
             "name": cfg.name,
             "config_digest": digest(cfg),
             "protocol": cfg.protocol.name,
             "benchmark": bench.description,
+            "benchmark_source": bench.source,
             "tasks": tasks,
             "finetuned_accuracy": finetuned_accuracy,
             "methods": {m: {**rows[m], "details": results[m]["details"]} for m in cfg.methods},

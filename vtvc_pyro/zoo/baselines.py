@@ -80,7 +80,8 @@ def zoo_table(zoo: Zoo, split: str = "test"):
     recorded = zoo.manifest.get("results", {}).get(split)
     if not recorded:
         raise KeyError(f"zoo at {zoo.root} has no recorded {split} results")
-    rows = {m: {t: TaskMetrics.from_dict(v) for t, v in recorded[m].items()} for m in METHODS if m in recorded}
+    rows = {m: {t: TaskMetrics.from_dict(v) for t, v in recorded[m].items()}
+            for m in METHODS if m in recorded}
     return results_table(rows, rows["finetuned"])
 
 

@@ -31,7 +31,8 @@ from vtvc_pyro.zoo.training import finetune_encoder, pretrain_clip
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seed torch and switch on deterministic algorithms for the block, restoring the previous mode."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -40,7 +41,7 @@ def deterministic(seed: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -92,7 +93,8 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
     steps = tqdm(total=4 + len(preset.tasks), desc=f"zoo '{preset.name}'", unit="step")
 
     with deterministic(preset.seed):
-        tasks = {t: build_task(t, counts, preset.image_size, preset.seed) for t, counts in preset.tasks.items()}
+        tasks = {t: build_task(t, counts, preset.image_size, preset.seed)
+                 for t, counts in preset.tasks.items()}
         for t, task in tasks.items():
             _save_tensors({"train_images": task.train[0], "train_labels": task.train[1],
                            "test_images": task.test[0], "test_labels": task.test[1]},
@@ -181,8 +183,9 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False) -> Zoo:
-    """Build the zoo of ``preset`` into the cache (or return the cached one if it is intact and not ``force``)."""
+def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None,
+              force: bool = False) -> Zoo:
+    """Build the zoo of ``preset`` into the cache; an intact cached zoo is returned as is unless ``force``."""
     config = get_preset(preset)
     root = zoo_root(preset, cache_dir)
     if root.exists() and not force:
@@ -225,5 +228,6 @@ def load_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None
         warnings.warn(f"{message}; rebuilding it", RuntimeWarning, stacklevel=2)
         return build_zoo(preset, cache_dir, force=True)
     if not build_if_missing:
-        raise FileNotFoundError(f"no zoo '{preset}' at {root}; build it with `vtvc zoo build --preset {preset}`")
+        raise FileNotFoundError(f"no zoo '{preset}' at {root}; build it with "
+                                f"`vtvc zoo build --preset {preset}`")
     return build_zoo(preset, cache_dir)

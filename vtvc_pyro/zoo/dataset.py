@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 class ImageSplit(Dataset):
     """Items are ``(image [3, H, W] float32, normalised; label int)``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+                 std: Sequence[float]):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         if labels.shape != (images.shape[0],):

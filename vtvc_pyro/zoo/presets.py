@@ -55,8 +55,8 @@ PRESETS: dict[str, ZooPreset] = {
             "faces": Counts(train=100, test=60, pretrain=40),
             "orientation": Counts(train=1400, test=400, pretrain=300),
         },
-        pretrain=TrainConfig(epochs=15, lr=1e-3, batch_size=256),
-        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=128),
+        pretrain=TrainConfig(epochs=20, lr=1e-3, batch_size=64),
+        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=64),
     ),
     "micro": ZooPreset(
         name="micro",
@@ -67,8 +67,8 @@ PRESETS: dict[str, ZooPreset] = {
             "textures": Counts(train=60, test=30, pretrain=30),
             "scenes": Counts(train=40, test=20, pretrain=20),
         },
-        pretrain=TrainConfig(epochs=20, lr=2e-3, batch_size=128),
-        finetune=TrainConfig(epochs=10, lr=2e-3, batch_size=64),
+        pretrain=TrainConfig(epochs=30, lr=2e-3, batch_size=64),
+        finetune=TrainConfig(epochs=15, lr=2e-3, batch_size=32),
     ),
 }
 

@@ -69,8 +69,8 @@ def _take(pool: np.ndarray, counts: Counts, task: str) -> tuple[np.ndarray, np.n
     """Consecutive train, test and pre-training slices of a shuffled pool of indices."""
     need = counts.train + counts.test + counts.pretrain
     if need > len(pool):
-        raise ValueError(f"task {task!r} asks for {counts.train} train + {counts.test} test + {counts.pretrain} "
-                         f"pre-training images, its pool has {len(pool)}")
+        raise ValueError(f"task {task!r} asks for {counts.train} train + {counts.test} test + "
+                         f"{counts.pretrain} pre-training images, its pool has {len(pool)}")
     a, b = counts.train, counts.train + counts.test
     return pool[:a], pool[a:b], pool[b:need]
 
@@ -139,7 +139,8 @@ def digits_task(counts: Counts, size: int, seed: int) -> TaskImages:
         full[dy : dy + glyph, dx : dx + glyph] = mask
         canvas[i] = bg[i] * (1 - full[..., None]) + fg[i] * full[..., None]
     canvas = np.round(canvas).astype(np.uint8)
-    train, test, pretrain = _split(canvas, labels, _take(rng.permutation(len(images)), counts, "digits"), size)
+    roles = _take(rng.permutation(len(images)), counts, "digits")
+    train, test, pretrain = _split(canvas, labels, roles, size)
     return TaskImages(
         name="digits",
         source="sklearn.datasets.load_digits (8x8), coloured and placed at random offsets",
@@ -155,8 +156,8 @@ def faces_task(counts: Counts, size: int, seed: int) -> TaskImages:
     rng = np.random.default_rng(seed)
     half = Counts(counts.train // 2, counts.test // 2, counts.pretrain // 2)
     per_class = [_take(rng.permutation(np.flatnonzero(labels == c)), half, "faces") for c in (0, 1)]
-    train, test, pretrain = _split(images, labels, tuple(np.concatenate(r) for r in zip(*per_class, strict=True)),
-                                   size)
+    roles = tuple(np.concatenate(r) for r in zip(*per_class, strict=True))
+    train, test, pretrain = _split(images, labels, roles, size)
     return TaskImages(
         name="faces",
         source="skimage.data.lfw_subset (25x25 face and non-face crops)",

@@ -22,7 +22,8 @@ def _optimizer(module: torch.nn.Module, config: TrainConfig, total_steps: int):
     for name, param in module.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
     warmup = max(1, int(config.warmup * total_steps))
 
