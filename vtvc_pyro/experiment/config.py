@@ -127,7 +127,8 @@ class SVISettings:
 
 @dataclass(frozen=True)
 class BaselineSettings:
-    """Training of the deterministic baselines (aTLAS, meta-network) by cross-entropy."""
+    """Training of the deterministic baselines (aTLAS, meta-network) by cross-entropy; learning-rate decay,
+    gradient clipping and checkpoints follow the ``svi`` section."""
 
     steps: int = field(default=300, metadata=_POSITIVE)
     lr: float = field(default=5e-3, metadata=_POSITIVE)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.compose import ComposedEncoder
 from vtvc_pyro.data import MultiTaskDataset
-from vtvc_pyro.evaluate import evaluate_encoder, select_alpha
+from vtvc_pyro.evaluate import TaskMetrics, evaluate_encoder, select_alpha
 from vtvc_pyro.experiment.config import BaselineSettings, SVISettings
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
@@ -45,14 +45,15 @@ Method = Callable[[Context, Problem], Outcome]
 
 
 def _scores(ctx: Context, problem: Problem, predict: Predict, splits: Mapping[str, Any] | None = None
-            ) -> tuple[Scores, torch.Tensor]:
-    """Scores of ``predict`` on the problem's test splits (or ``splits``), and the probabilities."""
+            ) -> Scores:
+    """Scores of ``predict`` on the problem's test splits (or on ``splits``)."""
     data = problem.joined("test") if splits is None else MultiTaskDataset(splits, problem.tasks)
     probs, labels, task = predict_dataset(predict, data, ctx.cfg.eval.batch_size)
-    return scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins), probs
+    return scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
 
 
-def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks: list[str] | None = None):
+def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks: list[str] | None = None
+                 ) -> dict[str, TaskMetrics]:
     splits = {t: problem.val[t] for t in (tasks or problem.tasks)}
     return evaluate_encoder(lambda images, _ids: encoder(images), problem.heads, splits,
                             ctx.cfg.eval.batch_size)
@@ -116,7 +117,7 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
     chosen = select_alpha(at, ctx.finetuned_val_accuracy(problem), ctx.cfg.protocol.alpha_grid)
     fitted = time.perf_counter()
     work.load_state_dict(merge(chosen.alpha))
-    scores, _ = _scores(ctx, problem, encoder_predictor(work, problem.heads))
+    scores = _scores(ctx, problem, encoder_predictor(work, problem.heads))
     details = {"alpha": chosen.alpha, "val_score": chosen.score,
                "val_scores": {f"{a:g}": s for a, s in chosen.scores.items()}}
     return Outcome(scores, fitted - start, time.perf_counter() - fitted, details=details)
@@ -128,7 +129,7 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
 def zeroshot(ctx: Context, problem: Problem) -> Outcome:
     """The pre-trained encoder θ0."""
     start = time.perf_counter()
-    scores, _ = _scores(ctx, problem, encoder_predictor(ctx.bench.visual, problem.heads))
+    scores = _scores(ctx, problem, encoder_predictor(ctx.bench.visual, problem.heads))
     return Outcome(scores, 0.0, time.perf_counter() - start)
 
 
@@ -141,7 +142,7 @@ def finetuned(ctx: Context, problem: Problem) -> Outcome:
         work.load_state_dict(ctx.bench.finetuned_state_dict(task))
         val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
         predict = encoder_predictor(work, problem.heads)
-        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]})[0])
+        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
     details = {"val_accuracy": val_accuracy}
     return Outcome(Scores.concat(parts), 0.0, time.perf_counter() - start, details=details)
 
@@ -175,7 +176,7 @@ def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -
     """A deterministic baseline fitted by cross-entropy (SVI with an empty guide) and scored on test."""
     fit = _fit(ctx, problem, model, empty_guide, ctx.cfg.baselines)
     start = time.perf_counter()
-    scores, _ = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
+    scores = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
     stats = CoefficientStats().add(model.point_coef(ctx.features(problem, "test")))
     eval_seconds = time.perf_counter() - start
     _save_fit(ctx, problem, model, fit, {"method": ctx.name})
@@ -302,7 +303,7 @@ def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
         work.load_state_dict(problem.bank.merge(task_coef[task]))
         merge_seconds += time.perf_counter() - merge_start
         predict = encoder_predictor(work, problem.heads)
-        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]})[0])
+        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
     eval_seconds = time.perf_counter() - start - merge_seconds
     return Outcome(Scores.concat(parts), merge_seconds, eval_seconds, stats)
 
