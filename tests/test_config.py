@@ -9,16 +9,14 @@ import pytest
 from vtvc_pyro.experiment.config import (
     ALPHA_GRID,
     METHODS,
-    ConfigError,
     ExperimentConfig,
     digest,
     from_dict,
     load_config,
-    parse_override,
-    parse_yaml,
     to_yaml,
     variant_config,
 )
+from vtvc_pyro.experiment.typed_config import ConfigError, parse_override, parse_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
