@@ -103,8 +103,9 @@ for t, ax in enumerate(axes[0]):
     ax.set_title(f"task vector {vectors[t]}", fontsize=9)
     ax.set_xlabel("mean coefficient")
 axes[0, 0].legend(fontsize=7)
-pd.DataFrame(per_vector.numpy(), columns=vectors).groupby(
-    [data_tasks[k] for k in samples["task"].tolist()]).mean().round(3)
+frame = pd.DataFrame(per_vector.numpy(), columns=vectors)
+frame["samples of task"] = [data_tasks[k] for k in samples["task"].tolist()]
+frame.groupby("samples of task").mean().round(3)  # rows: the images' task; columns: task vectors
 
 # %% [markdown]
 # ### Uncertainty against correctness
@@ -138,12 +139,19 @@ ax.legend()
 # %% [markdown]
 # ### What gating turned off
 #
-# Components with a high inclusion probability can still be dropped when their coefficient is small
-# relative to its uncertainty. Listed: the components dropped most often.
+# A component is dropped when its inclusion probability is below 0.5, or when its coefficient is small
+# against its uncertainty (`|μ| < τ0 · (1 + β · tanh(σ / |μ|))`). The second kind is what gating adds to a
+# plain spike-and-slab: listed are the components it drops most often although the guide would include them.
 
 # %%
-components = pd.read_csv(run_dir / "posteriors" / METHOD / problem / "components.csv")
-components["dropped"] = 1 - components["active"]
 print(f"share of gated-off components: {(samples['coef'] == 0).double().mean():.3f}")
-components.sort_values("dropped", ascending=False).head(10)[
-    ["task", "block", "inclusion", "loc", "scale", "dropped"]].round(3)
+likely = samples["inclusion"] >= 0.5
+by_uncertainty = (likely & (samples["gate"] == 0)).double().mean(0)  # [T, B]
+print(f"dropped by the inclusion probability: {(~likely).double().mean():.3f}; "
+      f"by the uncertainty threshold: {by_uncertainty.mean():.3f}")
+dropped = pd.DataFrame({"task": [v for v in vectors for _ in blocks], "block": blocks * len(vectors),
+                        "dropped_by_uncertainty": by_uncertainty.flatten().numpy()})
+components = pd.read_csv(run_dir / "posteriors" / METHOD / problem / "components.csv").merge(
+    dropped, on=["task", "block"])
+components.sort_values("dropped_by_uncertainty", ascending=False).head(10)[
+    ["task", "block", "inclusion", "loc", "scale", "active", "dropped_by_uncertainty"]].round(3)

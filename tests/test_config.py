@@ -71,6 +71,7 @@ def test_defaults_follow_the_method_page():
         ({"variants": {"a.b": {"method": "vtvc"}}}, "variants.a.b: a variant name may hold letters"),
         ({"threads": 0}, "threads: must be > 0 or null"),
         ({"prior": {"kind": "spike_and_slab", "pi": 2}}, "prior.pi: 2 is outside (0.0, 1.0)"),
+        ({"prior": {"kind": "spike_and_slab", "temperature": 0.5}}, "guide.gating: a relaxed spike"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):

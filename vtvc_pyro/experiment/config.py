@@ -27,6 +27,7 @@ from vtvc_pyro.experiment.typed_config import (
     set_dotted,
     to_dict,
 )
+from vtvc_pyro.priors import PriorSpec
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_override", "variant_config"]
 
@@ -181,6 +182,7 @@ class ExperimentConfig:
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what a run directory's ``config.yaml`` holds)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
@@ -234,13 +236,13 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
     if "kind" not in cfg.prior:
         raise ConfigError("prior.kind: required (e.g. spike_and_slab, gaussian)")
-    from vtvc_pyro.priors import PriorSpec
-
     try:
-        PriorSpec.from_mapping(cfg.prior)
+        prior = PriorSpec.from_mapping(cfg.prior)
     except (TypeError, ValueError) as err:
         message = str(err)
         raise ConfigError(message if message.startswith("prior") else f"prior.{message}") from err
+    if prior.relaxed and cfg.guide.gating == "gated":
+        raise ConfigError("guide.gating: a relaxed spike (prior.temperature) needs gating: stochastic")
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

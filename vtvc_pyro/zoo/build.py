@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from vtvc_pyro.heads import ClassificationHead
 from vtvc_pyro.io import atomic_path, sha256_file, write_json
 from vtvc_pyro.zoo.baselines import evaluate_baselines
+from vtvc_pyro.zoo.dataset import ImageSplit
 from vtvc_pyro.zoo.presets import FORMAT_VERSION, ZooPreset, get_preset
 from vtvc_pyro.zoo.store import MANIFEST, Zoo, verify_zoo, zoo_root
 from vtvc_pyro.zoo.tasks import TaskImages, build_task, content_hash
@@ -82,41 +83,43 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokens
 
 
+def _write_task_data(root: Path, preset: ZooPreset) -> tuple[dict[str, TaskImages], torch.Tensor,
+                                                               torch.Tensor, torch.Tensor]:
+    """Cut every task's images, save them and the pre-training pool under ``root/data``."""
+    tasks = {t: build_task(t, counts, preset.image_size, preset.seed) for t, counts in preset.tasks.items()}
+    for t, task in tasks.items():
+        _save_tensors({"train_images": task.train[0], "train_labels": task.train[1],
+                       "test_images": task.test[0], "test_labels": task.test[1]},
+                      root / "data" / f"{t}.safetensors", {"source": task.source})
+    pool, labels, task_ids = _pretraining_pool(tasks)
+    _save_tensors({"images": pool, "labels": labels, "task_ids": task_ids},
+                  root / "data" / "pretrain.safetensors", {"tasks": json.dumps(list(tasks))})
+    return tasks, pool, labels, task_ids
+
+
 def _write_zoo(root: Path, preset: ZooPreset) -> None:
     """Build every file of the zoo into ``root`` (an empty directory)."""
+    import open_clip
+
     from vtvc_pyro.checkpoints import create_model, register_model_config, save_state_dict
 
     start = time.perf_counter()
-    config_src = resources.files("vtvc_pyro") / "model_configs" / f"{preset.model_name}.json"
-    (root / f"{preset.model_name}.json").write_text(config_src.read_text())
+    config_text = (resources.files("vtvc_pyro") / "model_configs" / f"{preset.model_name}.json").read_text()
+    (root / f"{preset.model_name}.json").write_text(config_text)
     name = register_model_config(root / f"{preset.model_name}.json")
-    steps = tqdm(total=4 + len(preset.tasks), desc=f"zoo '{preset.name}'", unit="step")
 
-    with deterministic(preset.seed):
-        tasks = {t: build_task(t, counts, preset.image_size, preset.seed)
-                 for t, counts in preset.tasks.items()}
-        for t, task in tasks.items():
-            _save_tensors({"train_images": task.train[0], "train_labels": task.train[1],
-                           "test_images": task.test[0], "test_labels": task.test[1]},
-                          root / "data" / f"{t}.safetensors", {"source": task.source})
-        pool, pool_labels, pool_tasks = _pretraining_pool(tasks)
-        _save_tensors({"images": pool, "labels": pool_labels, "task_ids": pool_tasks},
-                      root / "data" / "pretrain.safetensors", {"tasks": json.dumps(list(tasks))})
+    with deterministic(preset.seed), tqdm(total=4 + len(preset.tasks), desc=f"zoo '{preset.name}'",
+                                          unit="step") as steps:
+        tasks, pool, pool_labels, pool_tasks = _write_task_data(root, preset)
         steps.set_postfix_str("tasks")
         steps.update()
 
         model = create_model(name)
         mean, std = list(model.visual.image_mean), list(model.visual.image_std)
-        norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
-
-        def normalize(images: torch.Tensor) -> torch.Tensor:
-            return (images.float() / 255.0 - norm[0]) / norm[1]
-
-        import open_clip
-
+        pixels = ImageSplit(pool, pool_labels, mean, std)
         tokenizer = open_clip.get_tokenizer(name)
         texts, options = _captions(tasks, pool_labels, pool_tasks)
-        pretrain_loss = pretrain_clip(model, normalize(pool), _tokenize(tokenizer, texts), options,
+        pretrain_loss = pretrain_clip(model, pixels.tensors()[0], _tokenize(tokenizer, texts), options,
                                       preset.pretrain, preset.seed)
         save_state_dict(model.state_dict(), root / "clip.safetensors")
         save_state_dict(model.visual.state_dict(), root / "pretrained.safetensors")
@@ -134,7 +137,7 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
             "format_version": FORMAT_VERSION,
             "preset": preset.name,
             "model_name": preset.model_name,
-            "model_config": json.loads(config_src.read_text()),
+            "model_config": json.loads(config_text),
             "image_size": preset.image_size,
             "image_mean": mean,
             "image_std": std,
@@ -146,7 +149,7 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
             "preset_config": preset.to_dict(),
         }
         write_json(root / MANIFEST, manifest)
-        zoo = Zoo(root)
+        zoo = Zoo(root)  # reads the splits back exactly as users will
 
         finetune_losses = {}
         for k, t in enumerate(zoo.task_names):
@@ -164,7 +167,7 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
                                    "per_task": {t: int((pool_tasks == k).sum()) for k, t in enumerate(tasks)}}
         manifest["finetuning"] = {"final_loss": finetune_losses}
         manifest.update(evaluate_baselines(zoo, preset.eval_batch_size, preset.ties_top_k,
-                                           progress=lambda m: steps.set_postfix_str(m)))
+                                           progress=steps.set_postfix_str))
         steps.update()
 
     manifest["build_seconds"] = round(time.perf_counter() - start, 1)
@@ -173,7 +176,6 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
         for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
     write_json(root / MANIFEST, manifest)
-    steps.close()
 
 
 def _discard(path: Path) -> None:

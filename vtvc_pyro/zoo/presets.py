@@ -19,6 +19,7 @@ class TrainConfig:
     batch_size: int
     weight_decay: float = 0.1
     warmup: float = 0.1
+    shift: int = 0  # augmentation: random translation by up to this many pixels (edges replicated)
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,14 @@ PRESETS: dict[str, ZooPreset] = {
         image_size=28,
         tasks={
             "mnist": Counts(train=1600, test=400, pretrain=400),
-            "digits": Counts(train=1100, test=400, pretrain=200),
+            "digits": Counts(train=1400, test=397),
             "textures": Counts(train=200, test=60, pretrain=50),
             "scenes": Counts(train=120, test=40, pretrain=30),
-            "faces": Counts(train=100, test=60, pretrain=40),
+            "faces": Counts(train=140, test=60),
             "orientation": Counts(train=1400, test=400, pretrain=300),
         },
         pretrain=TrainConfig(epochs=20, lr=1e-3, batch_size=64),
-        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=64),
+        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=64, shift=2),
     ),
     "micro": ZooPreset(
         name="micro",
@@ -68,7 +69,7 @@ PRESETS: dict[str, ZooPreset] = {
             "scenes": Counts(train=40, test=20, pretrain=20),
         },
         pretrain=TrainConfig(epochs=30, lr=2e-3, batch_size=64),
-        finetune=TrainConfig(epochs=15, lr=2e-3, batch_size=32),
+        finetune=TrainConfig(epochs=15, lr=2e-3, batch_size=32, shift=2),
     ),
 }
 

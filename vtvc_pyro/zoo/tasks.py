@@ -145,7 +145,8 @@ def digits_task(counts: Counts, size: int, seed: int) -> TaskImages:
         name="digits",
         source="sklearn.datasets.load_digits (8x8), coloured and placed at random offsets",
         class_names=[str(d) for d in range(10)],
-        templates=['a blurry picture of the number: "{}".', "a low resolution photo of the digit {}."],
+        # the MNIST prompts, as the literature uses the same ones for MNIST and SVHN
+        templates=['a photo of the number: "{}".', "a photo of the handwritten digit {}."],
         train=train, test=test, pretrain=pretrain,
     )
 
