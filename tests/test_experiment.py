@@ -279,6 +279,28 @@ def test_a_variant_runs_with_its_own_settings(micro_zoo, tmp_path):
     assert metrics["atlas_layer"]["details"]["all"]["steps"] == 3
 
 
+def test_alpha_is_chosen_without_tasks_whose_finetuned_val_accuracy_is_zero(micro_zoo, tmp_path, monkeypatch):
+    original = METHOD_FUNCTIONS["finetuned"]
+
+    def zero_on(tasks):
+        def finetuned(ctx, problem):
+            outcome = original(ctx, problem)
+            outcome.details["val_accuracy"].update({t: 0.0 for t in tasks})
+            return outcome
+        return finetuned
+
+    quick = ["--methods=[finetuned, task_arithmetic]"]
+    monkeypatch.setitem(METHOD_FUNCTIONS, "finetuned", zero_on(["mnist"]))
+    out = run_experiment(SMOKE, quick, out=tmp_path / "one", progress=False)
+    log = (out / "run.log").read_text()
+    assert "fine-tuned val accuracy is 0 for ['mnist']; α is chosen on the other tasks" in log
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert metrics["task_arithmetic"]["details"]["all"]["alpha"] in SMOKE_CFG["protocol"]["alpha_grid"]
+    monkeypatch.setitem(METHOD_FUNCTIONS, "finetuned", zero_on(["mnist", "textures", "scenes"]))
+    with pytest.raises(ValueError, match="all: every fine-tuned model scores 0 on its val split"):
+        run_experiment(SMOKE, quick, out=tmp_path / "all", progress=False)
+
+
 def _image_folder(root: Path, classes: list[str], count: int, seed: int) -> None:
     from PIL import Image
 

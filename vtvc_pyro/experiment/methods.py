@@ -106,15 +106,24 @@ def _save_fit(ctx: Context, problem: Problem, module: torch.nn.Module, fit: FitR
 
 
 def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict]) -> Outcome:
-    """Choose α on val by mean normalised accuracy, then score the merged tower on test once."""
+    """Choose α on val by mean normalised accuracy, then score the merged tower on test once. Tasks whose
+    fine-tuned model scores 0 on val cannot be normalised and are left out of the choice (with a note)."""
+    reference = ctx.finetuned_val_accuracy(problem)
+    usable = [t for t in problem.tasks if reference[t] > 0]
+    if not usable:
+        raise ValueError(f"{problem.name}: every fine-tuned model scores 0 on its val split; α cannot be "
+                         "chosen by normalised accuracy (protocol.max_fit_per_task too small?)")
+    if len(usable) < len(problem.tasks):
+        ctx.log(f"{ctx.name}: fine-tuned val accuracy is 0 for {sorted(set(problem.tasks) - set(usable))}; "
+                "α is chosen on the other tasks")
     work = copy.deepcopy(ctx.bench.visual)
 
-    def at(alpha: float):
+    def at(alpha: float) -> dict[str, TaskMetrics]:
         work.load_state_dict(merge(alpha))
-        return _val_metrics(ctx, problem, work)
+        return _val_metrics(ctx, problem, work, usable)
 
     start = time.perf_counter()
-    chosen = select_alpha(at, ctx.finetuned_val_accuracy(problem), ctx.cfg.protocol.alpha_grid)
+    chosen = select_alpha(at, {t: reference[t] for t in usable}, ctx.cfg.protocol.alpha_grid)
     fitted = time.perf_counter()
     work.load_state_dict(merge(chosen.alpha))
     scores = _scores(ctx, problem, encoder_predictor(work, problem.heads))
