@@ -10,6 +10,9 @@ import pyro  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The models under test are tiny: one thread is faster than two and immune to a busy neighbour.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_pyro_state():
