@@ -246,6 +246,18 @@ def test_gradient_of_shared_coefficients():
     assert max_diff(grad, ref_grad) <= 1e-4 * ref_grad.abs().max().item()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_with_respect_to_images(mode):
+    visual, _, _, bank = setup("gelu", num_tasks=3)
+    x = images_for(visual, 3).requires_grad_(True)
+    coef = sparse_coef(3, 3, bank.num_blocks)
+    (grad,) = torch.autograd.grad(ComposedEncoder(visual, bank, mode=mode)(x, coef).square().sum(), x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.cat([functional_call(visual, bank.merge(coef[n]), (ref_x[n:n + 1],)) for n in range(3)])
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), ref_x)
+    assert max_diff(grad, ref_grad) <= 1e-4 * ref_grad.abs().max().item()
+
+
 def test_encoder_holds_no_parameters_and_constants_get_no_gradient():
     visual, _, _, bank = setup("gelu", num_tasks=2)
     enc = ComposedEncoder(visual, bank)

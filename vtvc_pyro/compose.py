@@ -32,8 +32,8 @@ from vtvc_pyro.task_vectors import TaskVectorBank
 MODES = ("auto", "composed", "materialise")
 # Cost of forming one sample's weights for a layer (memory-bound), in multiply-adds per weight element; the
 # composed path pays ``L`` per element and active task vector (L tokens), the per-sample GEMMs ``L / 4`` more
-# than one shared GEMM. Measured on a 2-core x86 CPU with benchmarks/compose.py.
-_MATERIALISE_COST = 100.0
+# than one shared GEMM. Measured on the 2-core x86 CPU (benchmarks/compose.py, benchmarks/README.md).
+_MATERIALISE_COST = 64.0
 _CHUNK_ELEMENTS = 1 << 24  # per-sample weights formed at a time (64 MB in float32)
 
 
@@ -194,10 +194,11 @@ class _Weights:
     ``coef`` is ``[M, T, B]`` with ``M = 1`` (one weight set for the whole batch: merged once) or ``M = N``.
     """
 
-    def __init__(self, enc: ComposedEncoder, coef: torch.Tensor, grad: bool) -> None:
-        self.enc, self.mode, self.grad = enc, enc.mode, grad
+    def __init__(self, enc: ComposedEncoder, coef: torch.Tensor, coef_grad: bool, autograd: bool) -> None:
+        self.enc, self.mode, self.grad = enc, enc.mode, autograd
         self.dtype = enc.base.dtype
-        if grad and not enc.sparse_grad:  # the derivative at a zero coefficient needs its term too
+        self.scratch: torch.Tensor | None = None
+        if coef_grad and not enc.sparse_grad:  # the derivative at a zero coefficient needs its term too
             active = torch.ones(coef.shape[2], coef.shape[1], dtype=torch.bool, device=coef.device)
         else:  # [B, T]: task t is non-zero for some sample in block b
             active = (coef != 0).any(dim=0).t()
@@ -262,8 +263,7 @@ class _Weights:
                 y.addmm_((x * scale).reshape(N * L, fin), tau)
             else:
                 y3.addcmul_((x2 @ tau).view(N, L, -1), scale)
-        y = y3
-        return y + b.unsqueeze(1) if b is not None and not shared_bias else y
+        return y3 + b.unsqueeze(1) if b is not None and not shared_bias else y3
 
     def _materialise(self, L: int, k: int) -> bool:
         if self.mode == "materialise":
@@ -275,10 +275,20 @@ class _Weights:
         s, e = self._segment(weight)
         base, taus = self.enc.base[s:e].unsqueeze(0), self._taus(weight, index)
         if c.shape[0] == 1:
-            return x @ mat(torch.addmm(base, c, taus)[0])
+            return x @ mat(self._merge(base, c, taus)[0])
         step = max(1, _CHUNK_ELEMENTS // (e - s))
-        return torch.cat([torch.bmm(x[i:i + step], mat(torch.addmm(base, c[i:i + step], taus)))
+        return torch.cat([torch.bmm(x[i:i + step], mat(self._merge(base, c[i:i + step], taus)))
                           for i in range(0, x.shape[0], step)])
+
+    def _merge(self, base: torch.Tensor, c: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """``base + c @ taus``; without autograd written into one reused buffer (touching fresh memory for
+        every chunk costs as much as the arithmetic)."""
+        if self.grad:
+            return torch.addmm(base, c, taus)
+        numel = c.shape[0] * taus.shape[1]
+        if self.scratch is None or self.scratch.numel() < numel:
+            self.scratch = base.new_empty(max(numel, _CHUNK_ELEMENTS))
+        return torch.addmm(base, c, taus, out=self.scratch[:numel].view(c.shape[0], -1))
 
     def layer_norm(self, x: torch.Tensor, norm: _Norm) -> torch.Tensor:
         w, b = self.tensor(f"{norm.prefix}.weight"), self.tensor(f"{norm.prefix}.bias")
@@ -363,10 +373,11 @@ class ComposedEncoder(nn.Module):
             raise ValueError(f"images of size {H}x{W} give {gh * gw} patches of {ph}x{pw}; the positional "
                              f"embedding expects {tw.tokens - 1}")
         coef = self._coef(coef, N)
-        grad = torch.is_grad_enabled() and coef.requires_grad
-        if coef.shape[0] > 1 and not grad and bool((coef == coef[:1]).all()):
+        coef_grad = torch.is_grad_enabled() and coef.requires_grad
+        autograd = coef_grad or (torch.is_grad_enabled() and images.requires_grad)
+        if coef.shape[0] > 1 and not coef_grad and bool((coef == coef[:1]).all()):
             coef = coef[:1]  # one weight set for the whole batch: merge once
-        w = _Weights(self, coef, grad)
+        w = _Weights(self, coef, coef_grad, autograd)
 
         x = images.to(self.base.device, self.base.dtype)[:, :, :gh * ph, :gw * pw]
         x = x.reshape(N, 3, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, 3 * ph * pw)
