@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from vtvc_pyro.zoo.tasks import Counts
 
 # Bump when the data, training or file layout changes: old caches are then rebuilt, never reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,6 @@ class TrainConfig:
     batch_size: int
     weight_decay: float = 0.1
     warmup: float = 0.1
-    shift: int = 0  # augmentation: random translation by up to this many pixels (edges replicated)
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ PRESETS: dict[str, ZooPreset] = {
             "orientation": Counts(train=1400, test=400, pretrain=300),
         },
         pretrain=TrainConfig(epochs=20, lr=1e-3, batch_size=64),
-        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=64, shift=2),
+        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=64),
     ),
     "micro": ZooPreset(
         name="micro",
@@ -69,7 +68,7 @@ PRESETS: dict[str, ZooPreset] = {
             "scenes": Counts(train=40, test=20, pretrain=20),
         },
         pretrain=TrainConfig(epochs=30, lr=2e-3, batch_size=64),
-        finetune=TrainConfig(epochs=15, lr=2e-3, batch_size=32, shift=2),
+        finetune=TrainConfig(epochs=15, lr=2e-3, batch_size=32),
     ),
 }
 

@@ -124,15 +124,20 @@ def orientation_task(counts: Counts, size: int, seed: int) -> TaskImages:
 
 
 def digits_task(counts: Counts, size: int, seed: int) -> TaskImages:
-    """scikit-learn's 8×8 digits drawn as blocky coloured digits on coloured backgrounds, 10 classes."""
+    """scikit-learn's 8×8 digits drawn as blocky coloured digits on contrasting coloured backgrounds at
+    jittered positions (an SVHN stand-in), 10 classes."""
     images, labels = sources.sklearn_digits()
     rng = np.random.default_rng(seed)
     glyph = max(size * 5 // 7, 8)
     masks = F.interpolate(torch.from_numpy(images).float()[:, None] / 255.0, size=(glyph, glyph),
                           mode="nearest")[:, 0]
-    fg = rng.uniform(0, 255, size=(len(images), 3))
-    bg = (fg + rng.uniform(96, 160, size=(len(images), 3))) % 256
-    offsets = rng.integers(0, size - glyph + 1, size=(len(images), 2))
+    # a dark and a light colour per image; which of them draws the digit is random (both polarities)
+    dark = rng.uniform(0, 90, size=(len(images), 3))
+    light = rng.uniform(165, 255, size=(len(images), 3))
+    light_digit = rng.random(len(images))[:, None] < 0.5
+    fg, bg = np.where(light_digit, light, dark), np.where(light_digit, dark, light)
+    centre = (size - glyph) // 2
+    offsets = centre + rng.integers(-2, 3, size=(len(images), 2))
     canvas = np.empty((len(images), size, size, 3), dtype=np.float64)
     for i, (mask, (dy, dx)) in enumerate(zip(masks.numpy(), offsets, strict=True)):
         full = np.zeros((size, size))
@@ -143,7 +148,7 @@ def digits_task(counts: Counts, size: int, seed: int) -> TaskImages:
     train, test, pretrain = _split(canvas, labels, roles, size)
     return TaskImages(
         name="digits",
-        source="sklearn.datasets.load_digits (8x8), coloured and placed at random offsets",
+        source="sklearn.datasets.load_digits (8x8), coloured, jittered by up to 2 px",
         class_names=[str(d) for d in range(10)],
         # the MNIST prompts, as the literature uses the same ones for MNIST and SVHN
         templates=['a photo of the number: "{}".', "a photo of the handwritten digit {}."],

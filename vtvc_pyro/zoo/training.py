@@ -35,21 +35,6 @@ def _optimizer(module: torch.nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image of ``[N, C, H, W]`` by its own random offset in ``[-max_shift, max_shift]``²,
-    replicating edge pixels."""
-    if max_shift <= 0:
-        return images
-    n, _, height, width = images.shape
-    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]  # [N, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]   # [N, 1, 1, W]
-    batch = torch.arange(n)[:, None, None, None]
-    channels = torch.arange(images.shape[1])[None, :, None, None]
-    return padded[batch, channels, rows, cols]
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch of shuffled index batches (the last, smaller batch is kept)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))
@@ -124,8 +109,7 @@ def finetune_encoder(
         for _ in range(config.epochs):
             total = 0.0
             for batch in _batches(len(images), config.batch_size, generator):
-                inputs = random_shift(images[batch], config.shift, generator)
-                loss = F.cross_entropy(head(visual(inputs)), labels[batch])
+                loss = F.cross_entropy(head(visual(images[batch])), labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
