@@ -246,6 +246,31 @@ def test_force_starts_over_and_keeps_foreign_files(micro_zoo, tmp_path):
     assert len(json.loads((out / "argv.json").read_text())["invocations"]) == 1
 
 
+def test_a_resume_from_changed_input_files_is_refused(micro_zoo, tmp_path, monkeypatch):
+    """A zoo rebuilt between two invocations (here: its zoo.json rewritten) must not be mixed into the
+    results of the first; --force starts over from the new files."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(micro_zoo.root, cache / "zoo" / micro_zoo.root.name)
+    monkeypatch.setenv("VTVC_CACHE_DIR", str(cache))
+    out, quick = tmp_path / "run", ["--methods=[zeroshot, finetuned]"]
+    run_experiment(SMOKE, quick, out=out, progress=False)
+    recorded = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert set(recorded) == {"zoo.json"} and len(recorded["zoo.json"]["sha256"]) == 64
+    before = mtimes(out, "methods/*.json")
+
+    manifest_path = cache / "zoo" / micro_zoo.root.name / "zoo.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["build_seconds"] += 1.0
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RunDirectoryError, match="other input files.*zoo.json"):
+        run_experiment(SMOKE, quick, out=out, progress=False)
+    assert mtimes(out, "methods/*.json") == before
+    run_experiment(SMOKE, quick, out=out, force=True, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["inputs"] != recorded
+
+
 def test_knowledge_transfer_composes_the_other_tasks(micro_zoo, tmp_path):
     """Also exercises the Monte Carlo predictive (``eval.mc_samples``)."""
     out = run_experiment(SMOKE, [*SUBSET, "--protocol.name=knowledge_transfer", "--protocol.targets=[scenes]",

@@ -33,6 +33,8 @@ class Benchmark:
     pretrained_path: Path
     finetuned_paths: dict[str, Path]
     trust_pickle: bool = False
+    input_files: dict[str, Path] = field(default_factory=dict)
+    """The files whose content the results depend on, by role (see :meth:`fingerprint`)."""
     _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
 
     @property
@@ -48,6 +50,23 @@ class Benchmark:
                 blocks=blocks if isinstance(blocks, str) else list(blocks), trust_pickle=self.trust_pickle,
             )
         return self._banks[key]
+
+    def fingerprint(self) -> dict[str, dict[str, int | str]]:
+        """Identity of every input file: size and modification time, plus the SHA-256 of files under
+        1 MB (a zoo's ``zoo.json`` lists the checksums of all its files). A resumed run compares it with
+        the one it started with, so results computed from different checkpoints are never mixed."""
+        from vtvc_pyro.io import sha256_file
+
+        identity = {}
+        for role, path in self.input_files.items():
+            stat = path.stat()
+            entry: dict[str, int | str] = {"path": str(path), "bytes": stat.st_size}
+            if stat.st_size < 2**20:
+                entry["sha256"] = sha256_file(path)
+            else:
+                entry["mtime_ns"] = stat.st_mtime_ns
+            identity[role] = entry
+        return identity
 
     def finetuned_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         from vtvc_pyro.checkpoints import load_state_dict
@@ -98,6 +117,7 @@ def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchma
         splits=_limit(splits, cfg),
         pretrained_path=zoo.pretrained_path,
         finetuned_paths={t: zoo.finetuned_paths[t] for t in tasks},
+        input_files={"zoo.json": zoo.root / "zoo.json"},
     )
 
 

@@ -46,4 +46,7 @@ def from_checkpoints(cfg: ExperimentConfig, pretrained: Path, finetuned: Mapping
         pretrained_path=pretrained,
         finetuned_paths=dict(finetuned),
         trust_pickle=zoo.trust_pickle,
+        input_files={"pretrained": pretrained, **{f"finetuned.{t}": Path(p) for t, p in finetuned.items()},
+                     **({f"heads.{t}": Path(os.path.expanduser(zoo.heads[t])) for t in finetuned} if zoo.heads
+                        else {"clip": Path(os.path.expanduser(zoo.clip))})},
     )

@@ -177,6 +177,25 @@ class RunDirectory:
         manifest["methods"].setdefault(method, {}).update(entry)
         self.write_manifest(manifest)
 
+    def bind_inputs(self, fingerprint: dict[str, Any]) -> None:
+        """Record the benchmark's input files on the first invocation; on a resume, refuse to go on when
+        they changed (results from different checkpoints would be mixed), naming what changed."""
+        manifest = self.read_manifest() or {"methods": {}}
+        recorded = manifest.get("inputs")
+        if recorded is None:
+            manifest["inputs"] = fingerprint
+            self.write_manifest(manifest)
+            return
+        roles = recorded.keys() | fingerprint.keys()
+        changed = sorted(k for k in roles if recorded.get(k) != fingerprint.get(k))
+        if changed:
+            detail = "; ".join(f"{k}: {recorded.get(k, 'absent')} → {fingerprint.get(k, 'absent')}"
+                               for k in changed[:3])
+            raise RunDirectoryError(
+                f"{self.root} was started from other input files ({detail}); results computed from them "
+                "would be mixed with new ones: pick another --out, or pass --force to start over"
+            )
+
     def is_done(self, method: str) -> bool:
         entry = (self.read_manifest() or {"methods": {}})["methods"].get(method, {})
         return entry.get("status") == "done" and self.result_path(method).is_file()

@@ -107,6 +107,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
+        run.bind_inputs(bench.fingerprint())
         features = FeatureCache(bench.visual, cfg.eval.batch_size)
         results: dict[str, dict[str, Any]] = {}
         order = execution_order(cfg.methods)
