@@ -1,6 +1,7 @@
 """Checkpoint I/O: formats, prefixes, clear errors, opt-in legacy pickles, offline model creation."""
 
 import json
+import logging
 import sys
 import types
 
@@ -179,6 +180,16 @@ def test_create_model_offline_and_quick_gelu(tiny_name, tmp_path):
         torch.testing.assert_close(restored.visual(images), quick.visual(images), rtol=0, atol=0)
     with pytest.warns(UserWarning, match="quick_gelu=False contradicts"):
         create_model(tiny_name, pretrained=converted, quick_gelu=False)
+
+
+def test_random_init_is_logged_only_when_no_weights_are_loaded(tiny_name, clip, tmp_path, caplog):
+    save_state_dict(clip.visual.state_dict(), tmp_path / "enc.safetensors")
+    with caplog.at_level(logging.WARNING):
+        create_model(tiny_name, pretrained=tmp_path / "enc.safetensors")
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        create_model(tiny_name)
+    assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
 
 
 def test_create_model_loads_full_and_encoder_files(tiny_name, clip, tmp_path):

@@ -6,7 +6,9 @@ Every state dict returned here is keyed like ``model.visual.state_dict()``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -299,6 +301,20 @@ def register_model_config(json_path: str | os.PathLike) -> str:
     return path.stem
 
 
+@contextlib.contextmanager
+def _drop_log_records(prefix: str):
+    """Drop root-logger records whose message starts with ``prefix`` for the duration of the block."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def create_model(name: str, *, pretrained: str | os.PathLike | None = None, quick_gelu: bool | None = None,
                  device: str | torch.device = "cpu", trust_pickle: bool = False) -> torch.nn.Module:
     """Create an open_clip CLIP offline by architecture name and optionally load local weights.
@@ -322,7 +338,10 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None, quic
                       f"model with quick_gelu={recorded_flag}", UserWarning, stacklevel=2)
     chosen = quick_gelu if quick_gelu is not None else recorded_flag
     kwargs = {} if chosen is None else {"quick_gelu": chosen}
-    model = open_clip.create_model(name, pretrained=None, **kwargs)
+    # open_clip logs that the model is randomly initialised; not true when we load weights just below
+    loads_weights = pretrained is not None
+    with _drop_log_records("No pretrained weights loaded") if loads_weights else contextlib.nullcontext():
+        model = open_clip.create_model(name, pretrained=None, **kwargs)
     if pretrained is not None:
         state, _ = _read(pretrained, trust_pickle, "cpu")
         full = any(k.startswith("visual.") for k in state) and not all(k.startswith("visual.") for k in state)
