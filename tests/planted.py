@@ -4,8 +4,6 @@ their own head on features composed with a known sparse coefficient pattern."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,17 +12,6 @@ from torch.utils.data import TensorDataset
 
 from vtvc_pyro.data import MultiTaskDataset
 from vtvc_pyro.heads import ClassificationHead, HeadBank
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: these tensors are tiny, and on a busy machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class LinearEncoder:

@@ -5,19 +5,13 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from planted import one_thread, planted_problem
+from planted import planted_problem
 from pyro.infer import Trace_ELBO
 from torch.testing import assert_close
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.inference import SVIConfig, fit_svi
 from vtvc_pyro.model import Batch, collate_items
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,6 @@ TOWERS = {
 MODES = ("composed", "materialise", "auto")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny towers gain nothing from a second thread, and on a busy machine two threads spin-wait on each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tower(name: str, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
     return VisionTransformer(**TOWERS[name]).eval()

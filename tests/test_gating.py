@@ -6,7 +6,7 @@ import math
 import pyro
 import pytest
 import torch
-from planted import one_thread, planted_problem
+from planted import planted_problem
 from pyro import poutine
 from torch.testing import assert_close
 
@@ -14,13 +14,6 @@ from vtvc_pyro.gating import ImportanceUncertaintyGate
 from vtvc_pyro.guide import AmortizedGuide
 from vtvc_pyro.kl import GateBernoulli
 from vtvc_pyro.model import Batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 # Hand-worked with τ0 = 0.05, β = 1, ε = 1e-6 (ε is negligible at these magnitudes):
 #   ℓ     μ      σ      p = sigmoid(ℓ)   u = tanh(σ/|μ|)         τ = τ0 (1 + u)   G

@@ -5,19 +5,12 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from planted import one_thread, planted_problem
+from planted import planted_problem
 from torch.testing import assert_close
 
 from vtvc_pyro.guide import AmortizedGuide
 from vtvc_pyro.inference import SVIConfig, fit_svi, load_checkpoint, pretrained_features
 from vtvc_pyro.model import NonFiniteError, VTVCModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 GUIDE_PARAMS = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
 

@@ -6,7 +6,7 @@ import math
 import pyro
 import pytest
 import torch
-from planted import one_thread, planted_problem
+from planted import planted_problem
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import is_validation_enabled
@@ -17,13 +17,6 @@ from torch.testing import assert_close
 from vtvc_pyro.guide import AmortizedGuide, TaskLevelGuide
 from vtvc_pyro.kl import GateBernoulli, SlabNormal
 from vtvc_pyro.model import Batch, VTVCModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 PRIORS = {
     "spike_and_slab": {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}},

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from planted import one_thread, planted_problem
+from planted import planted_problem
 from pyro import poutine
 from pyro.distributions import constraints
 from torch.testing import assert_close
@@ -16,12 +16,6 @@ from torch.testing import assert_close
 from vtvc_pyro.guide import AmortizedGuide
 from vtvc_pyro.model import Batch, VTVCModel, collate_items
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

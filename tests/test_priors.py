@@ -4,17 +4,9 @@ import math
 
 import pytest
 import torch
-from planted import one_thread
 from torch.testing import assert_close
 
 from vtvc_pyro.priors import BetaSpec, NormalSpec, PriorOverride, PriorSpec, as_prior
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 TASKS = ["mnist", "svhn", "dtd"]
 BLOCKS = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight",
