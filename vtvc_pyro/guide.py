@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -191,3 +192,62 @@ class TaskLevelGuide(GateSlabGuide):
         shape = (features0.shape[0], self.num_tasks, self.num_blocks)
         logits = self.gate_logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT).expand(shape)
         return logits, self.slab_loc.expand(shape), (F.softplus(self.slab_rho) + MIN_SCALE).expand(shape)
+
+
+GUIDE_KINDS = ("amortized", "task_level")
+
+
+@dataclass(frozen=True)
+class GuideConfig:
+    """The guide's settings (METHOD §3–4), one default per knob; ``build_guide`` turns it into a guide.
+
+    ``kind``: the amortized ``g_φ`` or the task-level ablation; ``gating``: one of :data:`GATINGS`;
+    ``tau0, beta, sharpness``: the gating rule's filter; ``init_*``: the starting posterior.
+    """
+
+    kind: str = "amortized"
+    hidden_dim: int | None = None
+    gating: str = "gated"
+    tau0: float = 0.05
+    beta: float = 1.0
+    sharpness: float = 20.0
+    temperature: float = 0.5
+    init_loc: float = 0.3
+    init_scale: float = 0.05
+    init_prob: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDE_KINDS:
+            raise ValueError(f"guide.kind: {self.kind!r} is not a guide; allowed: {', '.join(GUIDE_KINDS)}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"guide.gating: {self.gating!r} is not a gating mode; "
+                             f"allowed: {', '.join(GATINGS)}")
+        if self.hidden_dim is not None and not (isinstance(self.hidden_dim, int) and self.hidden_dim > 0):
+            raise ValueError(f"guide.hidden_dim: must be a positive integer or null, got {self.hidden_dim!r}")
+        for name in ("tau0", "beta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"guide.{name}: must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("sharpness", "temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"guide.{name}: must be a finite number > 0, got {getattr(self, name)!r}")
+        if not math.isfinite(self.init_loc):
+            raise ValueError(f"guide.init_loc: must be finite, got {self.init_loc!r}")
+        if not (math.isfinite(self.init_scale) and self.init_scale > MIN_SCALE):
+            raise ValueError(f"guide.init_scale: must be > {MIN_SCALE}, got {self.init_scale!r}")
+        if not 0 < self.init_prob < 1:
+            raise ValueError(f"guide.init_prob: must be in (0, 1), got {self.init_prob!r}")
+
+    def rule(self) -> ImportanceUncertaintyGate:
+        return ImportanceUncertaintyGate(tau0=self.tau0, beta=self.beta, sharpness=self.sharpness)
+
+
+def build_guide(config: GuideConfig, feature_dim: int, task_names: Sequence[str], block_names: Sequence[str],
+                prior: PriorSpec | Mapping[str, Any] | None = None, *, gating: str | None = None
+                ) -> GateSlabGuide:
+    """The guide ``config`` describes (``gating`` overrides the config's mode, for the ablation methods)."""
+    common = {"prior": prior, "gating": gating or config.gating, "rule": config.rule(),
+              "temperature": config.temperature, "init_loc": config.init_loc,
+              "init_scale": config.init_scale, "init_prob": config.init_prob}
+    if config.kind == "amortized":
+        return AmortizedGuide(feature_dim, task_names, block_names, hidden_dim=config.hidden_dim, **common)
+    return TaskLevelGuide(task_names, block_names, **common)
