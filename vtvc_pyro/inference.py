@@ -64,10 +64,12 @@ class SVIConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_particles", "feature_batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value > 0):
                 raise ValueError(f"svi.{name}: must be a positive integer, got {getattr(self, name)!r}")
         for name in ("kl_anneal_steps", "checkpoint_every", "seed"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"svi.{name}: must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("lr", "clip_norm", "kl_weight"):
             value = getattr(self, name)

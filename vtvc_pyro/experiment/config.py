@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -375,10 +377,45 @@ def _message(error: Mapping[str, Any]) -> str:
     return f"{key}: {msg[0].lower()}{msg[1:]}{shown}"
 
 
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (``int | None`` → {int, NoneType}; ``Annotated`` unwrapped)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation}
+
+
+def _refuse_coercion(raw: Any, node: Any, prefix: str = "") -> None:
+    """Refuse what pydantic's lax mode would silently convert: a bool or a string where a number is
+    expected, a number or string where a bool is."""
+    if not isinstance(raw, Mapping):
+        return
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        hints = {k: f.annotation for k, f in node.model_fields.items()}
+    elif dataclasses.is_dataclass(node):
+        hints = typing.get_type_hints(node)
+    else:
+        return
+    for key, value in raw.items():
+        if key not in hints:
+            continue
+        where, kinds = f"{prefix}{key}", _kinds(hints[key])
+        numeric = kinds & {int, float} and not kinds & {str, bool}
+        if (numeric and isinstance(value, (bool, str))) or (kinds & {bool} and not isinstance(value, bool)
+                                                             and not kinds - {bool, type(None)}
+                                                             and value is not None):
+            raise ConfigError(f"{where}: expected {' or '.join(sorted(k.__name__ for k in kinds))}, got "
+                              f"{type(value).__name__} {value!r}")
+        for kind in kinds:
+            _refuse_coercion(value, kind, f"{where}.")
+
+
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping (and every variant it declares) into an :class:`ExperimentConfig`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    _refuse_coercion(raw, ExperimentConfig)
     try:
         cfg = ExperimentConfig.model_validate(dict(raw))
     except ValidationError as err:
@@ -409,7 +446,10 @@ def variant_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
         except ConfigError as err:
             raise ConfigError(f"variants.{method}.set: {err}") from err
     try:
+        _refuse_coercion(raw, ExperimentConfig)
         return ExperimentConfig.model_validate(raw)
+    except ConfigError as err:
+        raise ConfigError(f"variants.{method}.set: {err}") from None
     except ValidationError as err:
         raise ConfigError(f"variants.{method}.set: {_message(err.errors()[0])}") from None
 

@@ -58,14 +58,16 @@ def _base(cfg: ExperimentConfig, name: str) -> str:
 
 
 @contextlib.contextmanager
-def _logger(path: Path, console: Console) -> Iterator[Callable[[str], None]]:
-    """Log to the console (rich) and append to the run's log file."""
+def _logger(path: Path, console: Console, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """Log to the console (rich; warnings only when ``quiet``) and append to the run's log file."""
     logger = logging.getLogger(f"vtvc_pyro.run.{os.fspath(path)}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handlers = [file_handler, RichHandler(console=console, show_path=False, markup=False)]
+    terminal = RichHandler(console=console, show_path=False, markup=False)
+    terminal.setLevel(logging.WARNING if quiet else logging.INFO)
+    handlers = [file_handler, terminal]
     for handler in handlers:
         logger.addHandler(handler)
     try:
@@ -121,11 +123,13 @@ def _solve(ctx: Context, method: Method, problem: Problem) -> tuple[Outcome, dic
 
 def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (),
                    out: str | os.PathLike | None = None, force: bool = False, *, progress: bool = True,
-                   console: Console | None = None) -> Path:
+                   quiet: bool = False, console: Console | None = None) -> Path:
     """Run (or resume) the experiment of a YAML config; returns the run directory.
 
     ``overrides``: ``--key.sub=value`` strings; ``out``: the run directory (default ``runs/<config stem>``);
-    ``force``: delete a previous run there and start over.
+    ``force``: delete a previous run there and start over; ``progress``: progress bars; ``quiet``: no log
+    lines on the console (``run.log`` still has them). Every config value is validated before the run
+    directory is touched.
     """
     console = console or Console()
     cfg = load_config(config_path, overrides)
@@ -134,7 +138,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
                   "out": os.fspath(root), "force": force}
     run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force)
-    with _logger(run.log_path, console) as log, _threads(cfg.threads):
+    with _logger(run.log_path, console, quiet) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
