@@ -30,7 +30,7 @@ def _runtime_nodes(tree: ast.AST):
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """``module -> modules of the package it imports`` (``from a import b``: ``a.b`` if a module, else ``a``)."""
+    """``module -> package modules it imports`` (``from a import b``: ``a.b`` if a module, else ``a``)."""
     files = {_module_name(p, package): p for p in package.rglob("*.py")}
     graph = {}
     for name, path in files.items():

@@ -196,8 +196,8 @@ class Posterior:
         - ``log_likelihood``: ``obs`` per draw (for ``az.loo``);
         - ``sample_stats``: per draw and sample, predictive ``entropy`` and ``correct``;
         - ``constant_data``: each sample's ``data_task`` (its head's name), the guide's ``inclusion``,
-          ``loc``, ``scale`` and gate ``decision``, the predictive ``mutual_information``, and the prior's
-          ``prior_inclusion`` (task, block).
+          ``loc``, ``scale`` and gate ``decision``, the predictive ``entropy`` and ``mutual_information``,
+          the prior's ``prior_inclusion`` (task, block).
         """
         import arviz as az
 
@@ -210,9 +210,10 @@ class Posterior:
         dims = ["sample", "task", "block"]
         constant = {"data_task": names[pred["task"].numpy()],
                     "mutual_information": pred["mutual_information"].numpy(),
+                    "entropy": pred["entropy"].numpy(),
                     "prior_inclusion": prior_pi.numpy(), "decision": summary["gate"].numpy(),
                     **{k: summary[k].numpy() for k in ("inclusion", "loc", "scale")}}
-        per_sample = {"data_task": ["sample"], "mutual_information": ["sample"],
+        per_sample = {"data_task": ["sample"], "mutual_information": ["sample"], "entropy": ["sample"],
                       "prior_inclusion": ["task", "block"], "decision": dims,
                       **{k: dims for k in ("inclusion", "loc", "scale")}}
         return az.from_dict(
