@@ -75,7 +75,7 @@ class SVIConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
                                                and value > 0):
-                raise ValueError(f"svi.{name}: must be a finite number > 0, got {value!r}")
+                raise ValueError(f"svi.{name}: must be > 0 and finite, got {value!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"svi.lr_decay: must be in (0, 1], got {self.lr_decay!r}")
         if self.elbo not in ELBOS:
