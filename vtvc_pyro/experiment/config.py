@@ -340,12 +340,9 @@ def _fields_at(loc: Sequence[Any]) -> list[str] | None:
     """The keys allowed at ``loc`` in the schema (for 'unknown key' errors), or None."""
     node: Any = ExperimentConfig
     for part in loc:
-        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-            node = node.model_fields[part].annotation
-        elif dataclasses.is_dataclass(node):
+        if not (isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields):
             return None
-        else:
-            return None
+        node = node.model_fields[part].annotation
     if isinstance(node, type) and issubclass(node, BaseModel):
         return list(node.model_fields)
     if dataclasses.is_dataclass(node):

@@ -180,9 +180,11 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             products[name] = {p.name: o.product for p, o, _ in outcomes}
             results[name] = _result(name, base, outcomes, settings)
             run.save_result(name, results[name])
-            accuracy = [m["accuracy"] for m in results[name]["tasks"].values()]
+            result = results[name]
+            accuracy = [m["accuracy"] for m in result["tasks"].values()]
+            saving = f", saving {result['save_seconds']:.1f} s" if result["save_seconds"] else ""
             log(f"{tag}: mean test accuracy {100 * sum(accuracy) / len(accuracy):.1f}% "
-                f"(fit {results[name]['fit_seconds']:.1f} s, eval {results[name]['eval_seconds']:.1f} s)")
+                f"(fit {result['fit_seconds']:.1f} s, eval {result['eval_seconds']:.1f} s{saving})")
 
         rows, tasks, title = _tables(run, cfg, results, bench.description, bench.source)
         plots = draw_figures(run)
