@@ -273,12 +273,17 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _papers_head(src: Path, module: torch.nn.Module, class_names: Sequence[str] | None,
+def _papers_head(src: Path, module: torch.nn.Module, class_names: Sequence[str] | str | os.PathLike | None,
                  data_root: str | os.PathLike | None):
     """The papers' pickled ``ClassificationHead`` (``head_<Dataset>.pt``) as a :class:`ClassificationHead`."""
     from vtvc_pyro.heads import ClassificationHead
     from vtvc_pyro.standard_tasks import STANDARD_TASKS, standard_class_names
 
+    if isinstance(class_names, (str, os.PathLike)):
+        names_file = Path(class_names)
+        if not names_file.is_file():
+            raise FileNotFoundError(f"class-names file {_describe(names_file)} does not exist")
+        class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     if class_names is None:
         dataset = re.sub(r"Val$", "", src.stem.removeprefix("head_"))
         if dataset not in STANDARD_TASKS:
@@ -291,15 +296,16 @@ def _papers_head(src: Path, module: torch.nn.Module, class_names: Sequence[str] 
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust_pickle: bool = False,
-                       overwrite: bool = False, class_names: Sequence[str] | None = None,
+                       overwrite: bool = False, class_names: Sequence[str] | str | os.PathLike | None = None,
                        data_root: str | os.PathLike | None = None) -> str:
     """Convert any checkpoint :func:`read_checkpoint` reads to safetensors; returns a one-line summary.
 
     A full CLIP stays a full CLIP (``zoo.clip``), anything else becomes an image-encoder state dict; the
     metadata records the source's name, SHA-256 and format and the activation it states (``quick_gelu``,
     which :func:`create_model` reads). The papers' pickled ``ClassificationHead`` becomes a head file
-    (:class:`vtvc_pyro.heads.ClassificationHead`); its class names come from ``class_names``, or from the
-    standard dataset the file name ``head_<Dataset>.pt`` names (Cars, DTD and SUN397 need ``data_root``).
+    (:class:`vtvc_pyro.heads.ClassificationHead`); its class names come from ``class_names`` (a list, or a
+    file with one per line), or from the standard dataset ``head_<Dataset>.pt`` names (Cars, DTD and SUN397
+    need ``data_root``).
     """
     src, dst = Path(src), Path(dst)
     if dst.is_dir():

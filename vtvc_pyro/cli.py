@@ -18,10 +18,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from vtvc_pyro.checkpoints import convert_legacy_checkpoint
+    from vtvc_pyro.checkpoints import convert_checkpoint
 
-    convert_legacy_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle, overwrite=args.force)
-    print(f"wrote {args.dst}")
+    print(convert_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle, overwrite=args.force,
+                             class_names=args.class_names, data_root=args.data_root))
 
 
 def _bank_build(args: argparse.Namespace) -> None:
@@ -56,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a legacy pickled ImageEncoder checkpoint to safetensors")
+    p = sub.add_parser("convert", help="convert a checkpoint (papers' pickles and heads, OpenAI TorchScript, "
+                       "Hugging Face CLIP directories) to safetensors")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling (runs code from the file: only for files you trust)")
+                   help="allow unpickling the papers' files (allowlisted classes; only files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--class-names", help="file with a head's class names, one per line (default: the dataset "
+                   "head_<Dataset>.pt names)")
+    p.add_argument("--data-root", help="where Cars, DTD or SUN397 lie, for a head's class names")
     p.set_defaults(handler=_convert)
 
     p = sub.add_parser("bank", help="task-vector banks").add_subparsers(dest="bank_command", required=True)
