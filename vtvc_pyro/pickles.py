@@ -93,7 +93,9 @@ def _allowed_class(obj: Any, package: str) -> bool:
         return obj.__module__.startswith("torchvision.transforms")
     if package == "torch":
         return issubclass(obj, torch.nn.Module) and obj.__module__.startswith("torch.nn.modules")
-    return issubclass(obj, torch.nn.Module) and obj.__module__ in _OPEN_CLIP_HOMES  # open_clip
+    if obj.__module__ == "open_clip.transform":  # preprocessing classes, modules or not
+        return True
+    return issubclass(obj, torch.nn.Module) and obj.__module__ in _OPEN_CLIP_HOMES
 
 
 def _attribute(module: str, name: str) -> Any:
