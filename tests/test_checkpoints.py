@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import types
+import warnings
+import zipfile
 
 import open_clip
 import pytest
@@ -164,7 +166,7 @@ def test_convert_legacy_checkpoint(clip, tmp_path):
     assert "image encoder state dict" in summary and "GELU" in summary
     assert_same_tensors(load_state_dict(out), clip.visual.state_dict())
     meta = read_metadata(out)
-    assert meta["quick_gelu"] == "false" and meta["source"] == "legacy.pt" and meta["source_format"] == "pickle"
+    assert (meta["quick_gelu"], meta["source"], meta["source_format"]) == ("false", "legacy.pt", "pickle")
     with pytest.raises(ValueError, match="converted.safetensors' exists; pass overwrite=True"):
         convert_checkpoint(path, out, trust_pickle=True)
     convert_checkpoint(path, out, trust_pickle=True, overwrite=True)
@@ -270,8 +272,9 @@ def test_create_model_takes_the_activation_from_every_source(tiny_name, tmp_path
 
 def test_a_name_or_argument_contradicting_the_checkpoint_is_refused(tiny_name, quick_name, clip, tmp_path):
     gelu_pickle = _save_legacy(tmp_path, clip, name="gelu.pt")
-    with pytest.raises(ValueError, match=r"model 'vtvc-test-tinyclip-quickgelu' uses QuickGELU but .*gelu.pt' "
-                                         r"was saved from a model with GELU; use model 'vtvc-test-tinyclip'"):
+    refusal = (r"model 'vtvc-test-tinyclip-quickgelu' uses QuickGELU but .*gelu.pt' was saved from a model "
+               r"with GELU; use model 'vtvc-test-tinyclip'")
+    with pytest.raises(ValueError, match=refusal):
         create_model(quick_name, pretrained=gelu_pickle, trust_pickle=True)
     torch.save({"state_dict": clip.visual.state_dict(), "quick_gelu": True}, tmp_path / "quick.pt")
     assert _gelu_kind(create_model(quick_name, pretrained=tmp_path / "quick.pt")) is QuickGELU
@@ -311,10 +314,11 @@ def test_trust_pickle_refuses_globals_outside_the_allowlist(clip, tmp_path):
         load_state_dict(tmp_path / "evil.pt", trust_pickle=True)
     assert not marker.exists()
     unpickler = AllowlistUnpickler(io.BytesIO())
-    for module, name in [("torch", "os.system"), ("torch", "load"), ("torch.utils.cpp_extension", "load_inline"),
-                         ("builtins", "eval"), ("builtins", "getattr"), ("open_clip.factory", "create_model"),
-                         ("open_clip.hf_model", "HFTextEncoder"), ("torchvision.datasets", "ImageFolder"),
-                         ("subprocess", "Popen")]:
+    refused = [("torch", "os.system"), ("torch", "load"), ("torch.utils.cpp_extension", "load_inline"),
+               ("builtins", "eval"), ("builtins", "getattr"), ("open_clip.factory", "create_model"),
+               ("open_clip.hf_model", "HFTextEncoder"), ("torchvision.datasets", "ImageFolder"),
+               ("subprocess", "Popen")]
+    for module, name in refused:
         with pytest.raises(RefusedGlobalError, match=f"refused global '{module}.{name}'"):
             unpickler.find_class(module, name)
     # a hand-made protocol-4 stream reaching os.system through torch's namespace is refused, not run
@@ -328,10 +332,70 @@ def test_trust_pickle_refuses_globals_outside_the_allowlist(clip, tmp_path):
 
 def test_directories_are_refused_with_one_line(clip, tmp_path):
     (tmp_path / "ckpt_dir").mkdir()
-    with pytest.raises(ValueError, match=r"checkpoint '.*ckpt_dir' is a directory: give a checkpoint file, or a "
-                                         r"Hugging Face CLIP directory with config.json"):
+    refusal = r"checkpoint '.*ckpt_dir' is a directory: give a checkpoint file, or a Hugging Face CLIP dir"
+    with pytest.raises(ValueError, match=refusal):
         load_state_dict(tmp_path / "ckpt_dir")
     save_state_dict(clip.visual.state_dict(), tmp_path / "enc.safetensors")
     with pytest.raises(ValueError, match=r"output '.*ckpt_dir' is a directory: give a file path, e.g. "
                                          r".*ckpt_dir/enc.safetensors"):
         convert_checkpoint(tmp_path / "enc.safetensors", tmp_path / "ckpt_dir")
+
+
+# ---------------------------------------------------------------------------- TorchScript archives
+
+
+def _torchscript(model, path, half=False):
+    """A TorchScript archive of a CLIP, as OpenAI distributes ``ViT-B-32.pt`` (traced, fp16 weights)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model.eval(), {"encode_image": torch.randn(1, 3, 16, 16)},
+                                        check_trace=False)
+        if half:
+            traced = traced.half()
+        traced.save(str(path))
+    return path
+
+
+def _with_code_line(archive, out, line):
+    """Copy a zip archive, appending a line to every TorchScript code file."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if "/code/" in item.filename and item.filename.endswith(".py"):
+                data += f"\n{line}\n".encode()
+            dst.writestr(item, data)
+    return out
+
+
+def test_torchscript_archive_is_read_without_running_its_code(tiny_name, tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    clip = open_clip.create_model(tiny_name, pretrained=None, quick_gelu=True)
+    marker = tmp_path / "code-ran"
+    archive = _with_code_line(_torchscript(clip, tmp_path / "plain.pt"), tmp_path / "ViT-tiny.pt",
+                              f"__import__('os').system('touch {marker}')")
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load must not be called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    ckpt = read_checkpoint(archive)
+    assert ckpt.kind == "torchscript" and ckpt.quick_gelu is True and ckpt.is_full_clip
+    assert sorted(ckpt.state_dict) == sorted(clip.state_dict())  # attn_mask (not a weight) dropped
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in clip.state_dict().items())
+    assert not marker.exists()
+    model = create_model(tiny_name, pretrained=archive)
+    assert _gelu_kind(model) is QuickGELU
+    assert_same_tensors(model.state_dict(), clip.state_dict())
+    out = tmp_path / "openai_clip.safetensors"
+    assert "full CLIP state dict" in convert_checkpoint(archive, out)
+    assert read_metadata(out)["quick_gelu"] == "true" and read_metadata(out)["source_format"] == "torchscript"
+    assert_same_tensors(create_model(tiny_name, pretrained=out).state_dict(), clip.state_dict())
+    assert not marker.exists()
+
+
+def test_fp16_torchscript_weights_become_float32(tiny_name, tmp_path):
+    torch.manual_seed(3)
+    clip = open_clip.create_model(tiny_name, pretrained=None, quick_gelu=True)
+    state = read_checkpoint(_torchscript(clip, tmp_path / "half.pt", half=True)).state_dict
+    for k, v in clip.state_dict().items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v.half().float()), k

@@ -125,7 +125,12 @@ def _unpickle(path: Path, err: Exception, trust_pickle: bool, map_location: Any)
 
 def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> tuple[Any, str]:
     if is_torchscript(path):
-        return read_torchscript(path), "torchscript"
+        try:
+            return read_torchscript(path), "torchscript"
+        except Exception as err:
+            raise ValueError(f"{_describe(path)} is a TorchScript archive this reader cannot parse without "
+                             f"running its code ({type(err).__name__}: {err}); see experiments/README.md for "
+                             "converting it with open_clip") from err
     try:
         return torch.load(path, map_location=map_location, weights_only=True), "torch"
     except pickle.UnpicklingError as err:
