@@ -189,3 +189,30 @@ def test_vit_b32_shape_gives_the_same_image_features(tmp_path):
     _same_features(hf, "ViT-B-32-quickgelu", tmp_path / "hf", 224)
     assert open_clip.get_model_config("ViT-B-32-quickgelu")["vision_cfg"]["width"] == 768
     print(f"ViT-B/32 HF round trip: {time.perf_counter() - start:.1f} s")
+
+
+def test_vision_model_without_projection_takes_proj_from_its_base(tmp_path):
+    """FusionBench's fine-tuned models are CLIPVisionModel directories (no visual_projection); the pre-trained
+    CLIPModel they start from supplies ``proj``, so the converted files make a bank with a zero τ for it."""
+    torch.manual_seed(4)
+    config = transformers.CLIPConfig(text_config=TINY_TEXT, vision_config=TINY, projection_dim=16)
+    clip = transformers.CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path / "pretrained")
+    torch.manual_seed(5)
+    tuned = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY)).eval()
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert "proj" not in load_state_dict(tmp_path / "tuned")
+    out = tmp_path / "tuned.safetensors"
+    summary = convert_checkpoint(tmp_path / "tuned", out, base=tmp_path / "pretrained")
+    assert summary.endswith("1 taken from pretrained: proj")
+    assert json.loads(read_metadata(out)["filled_from"]) == {"source": "pretrained", "keys": ["proj"]}
+    converted = load_state_dict(out)
+    assert torch.equal(converted["proj"], clip.state_dict()["visual_projection.weight"].T)
+    tuned_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v  # transformers 5: no prefix
+                   for k, v in tuned.state_dict().items()}
+    expected = _reference_to_open_clip({**tuned_state, "visual_projection.weight": torch.zeros(16, 32)},
+                                       TINY["num_hidden_layers"])
+    assert sorted(converted) == sorted(expected)
+    assert all(torch.equal(converted[k], v) for k, v in expected.items() if k != "proj")
+    bank = TaskVectorBank.from_checkpoints(tmp_path / "pretrained", {"tuned": out})
+    assert not bank.task_vector("proj").any() and bank.task_vector("conv1.weight").any()

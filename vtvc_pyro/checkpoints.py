@@ -302,7 +302,8 @@ def _papers_head(src: Path, module: torch.nn.Module, class_names: Sequence[str] 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust_pickle: bool = False,
                        overwrite: bool = False, class_names: Sequence[str] | str | os.PathLike | None = None,
-                       data_root: str | os.PathLike | None = None) -> str:
+                       data_root: str | os.PathLike | None = None,
+                       base: str | os.PathLike | None = None) -> str:
     """Convert any checkpoint :func:`read_checkpoint` reads to safetensors; returns a one-line summary.
 
     A full CLIP stays a full CLIP (``zoo.clip``), anything else becomes an image-encoder state dict; the
@@ -310,7 +311,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust_
     which :func:`create_model` reads). The papers' pickled ``ClassificationHead`` becomes a head file
     (:class:`vtvc_pyro.heads.ClassificationHead`); its class names come from ``class_names`` (a list, or a
     file with one per line), or from the standard dataset ``head_<Dataset>.pt`` names (Cars, DTD and SUN397
-    need ``data_root``).
+    need ``data_root``). ``base``: a checkpoint that supplies the tensors the source lacks, e.g. the
+    ``proj`` of a ``CLIPVisionModel`` (FusionBench's fine-tuned models), taken from the pre-trained CLIP
+    they were fine-tuned from; the metadata lists them (``filled_from``).
     """
     src, dst = Path(src), Path(dst)
     if dst.is_dir():
@@ -328,10 +331,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust_
     meta = {"source": src.name, "source_sha256": sha256_file(src), "source_format": ckpt.kind}
     if ckpt.quick_gelu is not None:
         meta["quick_gelu"] = json.dumps(ckpt.quick_gelu)
+    filled: list[str] = []
+    if base is not None:
+        base_state = read_checkpoint(base, trust_pickle=trust_pickle).state_dict
+        if not ckpt.is_full_clip:
+            base_state = image_encoder_state_dict(base_state)
+        filled = [k for k in base_state if k not in state]
+        state = {**{k: state.get(k, base_state[k]) for k in base_state}, **state}
+        meta["filled_from"] = json.dumps({"source": Path(base).name, "keys": filled})
     save_state_dict(state, dst, meta)
     activation = {None: "activation not recorded", True: "QuickGELU", False: "GELU"}[ckpt.quick_gelu]
+    taken = f"; {len(filled)} taken from {Path(base).name}: {', '.join(filled)}" if filled else ""
     return (f"wrote {dst}: {'full CLIP' if ckpt.is_full_clip else 'image encoder'} state dict, "
-            f"{len(state)} tensors, from a {ckpt.kind} checkpoint ({activation})")
+            f"{len(state)} tensors, from a {ckpt.kind} checkpoint ({activation}){taken}")
 
 
 # ---------------------------------------------------------------------------- models

@@ -21,7 +21,7 @@ def _convert(args: argparse.Namespace) -> None:
     from vtvc_pyro.checkpoints import convert_checkpoint
 
     print(convert_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle, overwrite=args.force,
-                             class_names=args.class_names, data_root=args.data_root))
+                             class_names=args.class_names, data_root=args.data_root, base=args.base))
 
 
 def _bank_build(args: argparse.Namespace) -> None:
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", help="file with a head's class names, one per line (default: the dataset "
                    "head_<Dataset>.pt names)")
     p.add_argument("--data-root", help="where Cars, DTD or SUN397 lie, for a head's class names")
+    p.add_argument("--base", help="checkpoint supplying tensors SRC lacks (the proj of a CLIPVisionModel)")
     p.set_defaults(handler=_convert)
 
     p = sub.add_parser("bank", help="task-vector banks").add_subparsers(dest="bank_command", required=True)

@@ -41,9 +41,14 @@ _PROJECTIONS = {"visual_projection.weight": "visual.proj", "text_projection.weig
 _IGNORED = re.compile(r"^(vision_model|text_model)\.embeddings\.position_ids$")  # a buffer, not a weight
 
 
+# A CLIPVisionModel saved by transformers >= 5 has its vision tower's keys without "vision_model.".
+_BARE_VISION = ("embeddings.patch_embedding.", "pre_layrnorm.")
+
+
 def is_hf_state_dict(state: Mapping[str, object]) -> bool:
     """True if the keys are those of a ``transformers`` CLIP model (a vision or text tower)."""
-    return any(k.startswith(("vision_model.embeddings.", "text_model.embeddings.")) for k in state)
+    prefixes = ("vision_model.embeddings.", "text_model.embeddings.", *_BARE_VISION)
+    return any(k.startswith(prefixes) for k in state)
 
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
@@ -59,6 +64,9 @@ def hf_to_open_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
     A full ``CLIPModel`` gives a full open_clip CLIP state dict (``visual.*`` and the text tower); a vision
     model gives ``model.visual.state_dict()`` keys (no ``proj`` without ``visual_projection``).
     """
+    if any(k.startswith(_BARE_VISION) for k in state):
+        state = {k if k.startswith("visual_projection.") else f"vision_model.{k}": v
+                 for k, v in state.items()}
     state = {k: v for k, v in state.items() if not _IGNORED.match(k)}
     unknown = [k for k in state if not k.startswith(tuple(_TOWERS)) and k not in _PROJECTIONS
                and k != "logit_scale"]
