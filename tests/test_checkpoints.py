@@ -393,6 +393,19 @@ def test_torchscript_archive_is_read_without_running_its_code(tiny_name, tmp_pat
     assert not marker.exists()
 
 
+def test_torchscript_archive_without_class_code_is_refused(tiny_name, tmp_path):
+    torch.manual_seed(2)
+    archive = _torchscript(open_clip.create_model(tiny_name, pretrained=None), tmp_path / "full.pt")
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "cut.pt", "w") as dst:
+        for item in src.infolist():
+            if "/code/" not in item.filename or "/open_clip/model" not in item.filename:
+                dst.writestr(item, src.read(item))  # drop the code of CLIP (mangled if traced before)
+    refusal = (r"cut.pt' is a TorchScript archive this reader cannot parse .*class "
+               r"__torch__.open_clip.model.(___torch_mangle_\d+.)?CLIP \(at the root\) is not defined")
+    with pytest.raises(ValueError, match=refusal):
+        load_state_dict(tmp_path / "cut.pt")
+
+
 def test_fp16_torchscript_weights_become_float32(tiny_name, tmp_path):
     torch.manual_seed(3)
     clip = open_clip.create_model(tiny_name, pretrained=None, quick_gelu=True)

@@ -269,7 +269,10 @@ def read_torchscript(path: str | Path) -> tuple[dict[str, torch.Tensor], set[str
 
     def walk(obj: _ScriptObject, prefix: str) -> None:
         seen.add(obj.qualname.rsplit(".", 1)[-1])
-        params, buffers = classes.get(obj.qualname, ([], []))
+        if obj.qualname not in classes:
+            raise ValueError(f"{str(path)!r}: class {obj.qualname} (at {prefix or 'the root'}) is not "
+                             "defined under code/, so its parameters cannot be told from other attributes")
+        params, buffers = classes[obj.qualname]
         for key, value in obj.state.items():
             if isinstance(value, torch.Tensor) and key in params + buffers:
                 state[prefix + key] = value.clone()
