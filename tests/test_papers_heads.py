@@ -1,5 +1,6 @@
 """The task-arithmetic papers' pickled zero-shot heads (``head_<Dataset>.pt``) converted into ours."""
 
+import pickle
 import sys
 import types
 
@@ -13,9 +14,10 @@ from vtvc_pyro.heads import ClassificationHead
 from vtvc_pyro.standard_tasks import DIGITS, EUROSAT_CLASSES
 
 
-def _save_papers_head(path, weight, bias=None, normalize=True):
+def _save_papers_head(path, weight, bias=None, normalize=True, fmt="zip"):
     """Pickle a head as mlfoundations/task_vectors does: ``src.modeling.ClassificationHead``, an
-    ``nn.Linear`` subclass with a ``normalize`` flag, saved whole with ``torch.save``."""
+    ``nn.Linear`` subclass with a ``normalize`` flag, saved whole with ``torch.save`` (``fmt="zip"``), the
+    pre-1.6 torch format (``"legacy"``) or, as their oldest heads, ``pickle.dump`` (``"pickle"``)."""
     src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
 
     class ClassificationHead(torch.nn.Linear):
@@ -30,7 +32,12 @@ def _save_papers_head(path, weight, bias=None, normalize=True):
     modeling.ClassificationHead, src.modeling = ClassificationHead, modeling
     sys.modules.update({"src": src, "src.modeling": modeling})
     try:
-        torch.save(ClassificationHead(normalize, weight, bias), path)
+        head = ClassificationHead(normalize, weight, bias)
+        if fmt == "pickle":
+            with open(path, "wb") as handle:
+                pickle.dump(head, handle)
+        else:
+            torch.save(head, path, _use_new_zipfile_serialization=fmt == "zip")
     finally:
         del sys.modules["src"], sys.modules["src.modeling"]
     return path
@@ -41,9 +48,10 @@ def _zero_shot_weight(classes: int, dim: int = 8, scale: float = 100.0, seed: in
     return scale * F.normalize(torch.randn(classes, dim), dim=-1)  # text embeddings × exp(logit_scale)
 
 
-def test_papers_head_converts_to_the_same_logits(tmp_path):
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
+def test_papers_head_converts_to_the_same_logits(tmp_path, fmt):
     weight = _zero_shot_weight(10)
-    path = _save_papers_head(tmp_path / "head_MNIST.pt", weight)
+    path = _save_papers_head(tmp_path / "head_MNIST.pt", weight, fmt=fmt)
     out = tmp_path / "heads" / "MNIST.safetensors"
     with pytest.raises(LegacyPickleError, match="--trust-pickle"):
         convert_checkpoint(path, out)

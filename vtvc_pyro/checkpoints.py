@@ -15,6 +15,8 @@ import logging
 import os
 import pickle
 import re
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,13 @@ from vtvc_pyro.hf_clip import (
     read_hf_directory,
 )
 from vtvc_pyro.io import atomic_path, sha256_file
-from vtvc_pyro.pickles import LEGACY_PICKLE_MODULE, is_torchscript, quick_gelu_of, read_torchscript
+from vtvc_pyro.pickles import (
+    LEGACY_PICKLE_MODULE,
+    AllowlistUnpickler,
+    is_torchscript,
+    quick_gelu_of,
+    read_torchscript,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -99,6 +107,13 @@ def _flag(value: Any, where: str) -> bool | None:
     raise ValueError(f"{where}: quick_gelu must be true or false, got {value!r}")
 
 
+def _is_legacy_torch_file(path: Path) -> bool:
+    """True if the file starts like pre-1.6 ``torch.save`` output: a pickled magic number (a long int)."""
+    with open(path, "rb") as handle:
+        head = handle.read(3)
+    return head[:2] == b"\x80\x02" and head[2:3] == b"\x8a"  # PROTO 2, LONG1
+
+
 def _unpickle(path: Path, err: Exception, trust_pickle: bool, map_location: Any) -> Any:
     """Load a legacy pickle (after ``weights_only`` refused it) through the allowlist unpickler."""
     try:
@@ -116,6 +131,9 @@ def _unpickle(path: Path, err: Exception, trust_pickle: bool, map_location: Any)
             "`vtvc convert --trust-pickle SRC DST.safetensors`."
         ) from None
     try:
+        if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):  # plain pickle.dump (old heads)
+            with open(path, "rb") as handle:
+                return AllowlistUnpickler(handle).load()
         return torch.load(path, map_location=map_location, weights_only=False,
                           pickle_module=LEGACY_PICKLE_MODULE)
     except Exception as exc:
@@ -132,7 +150,9 @@ def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> tuple[Any,
                              f"running its code ({type(err).__name__}: {err}); see experiments/README.md for "
                              "converting it with open_clip") from err
     try:
-        return torch.load(path, map_location=map_location, weights_only=True), "torch"
+        with warnings.catch_warnings():  # plain pickle.dump files: torch warns about their protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True), "torch"
     except pickle.UnpicklingError as err:
         return _unpickle(path, err, trust_pickle, map_location), "pickle"
     except Exception as err:  # truncated zip, garbage bytes, empty file, ...

@@ -49,11 +49,19 @@ class RefusedGlobalError(pickle.UnpicklingError):
     """A pickle names a global outside the allowlist (it would run code that reading weights never needs)."""
 
 
+def _storage_from_bytes(data: bytes) -> Any:
+    """What ``torch.storage._load_from_bytes`` does for plain-pickled tensors, with ``weights_only=True``."""
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def _safe_globals() -> dict[str, Any]:
     from torch._weights_only_unpickler import _get_allowed_globals  # what weights_only=True accepts
 
     allowed = dict(_get_allowed_globals())
     allowed.update(_EXTRA_GLOBALS)
+    allowed["torch.storage._load_from_bytes"] = _storage_from_bytes
     for qualname in _NUMPY_GLOBALS:
         module, _, name = qualname.rpartition(".")
         try:
