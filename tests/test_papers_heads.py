@@ -48,6 +48,7 @@ def _zero_shot_weight(classes: int, dim: int = 8, scale: float = 100.0, seed: in
     return scale * F.normalize(torch.randn(classes, dim), dim=-1)  # text embeddings × exp(logit_scale)
 
 
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")  # torch.save in the pre-1.6 format
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
 def test_papers_head_converts_to_the_same_logits(tmp_path, fmt):
     weight = _zero_shot_weight(10)
