@@ -17,6 +17,7 @@ import contextlib
 import copyreg
 import functools
 import importlib
+import importlib.util
 import pickle
 import zipfile
 from pathlib import Path
@@ -31,6 +32,7 @@ _OPEN_CLIP_RENAMES = {"VisualTransformer": "VisionTransformer"}
 # open_clip modules whose classes may be rebuilt (not factory / hub / timm / HF modules, which load weights).
 _OPEN_CLIP_HOMES = ("open_clip.model", "open_clip.transformer", "open_clip.modified_resnet",
                     "open_clip.transform")
+_IMPORTABLE = ("torch.nn.modules", "torchvision.transforms", *_OPEN_CLIP_HOMES)
 _BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": bytearray,
              "object": object}
 _EXTRA_GLOBALS = {
@@ -106,6 +108,18 @@ def _allowed_class(obj: Any, package: str) -> bool:
     return issubclass(obj, torch.nn.Module) and obj.__module__ in _OPEN_CLIP_HOMES
 
 
+def _importable(module: str) -> bool:
+    """Modules whose classes may be looked up (imported) at all; nothing else is imported."""
+    return any(module == p or module.startswith(f"{p}.") for p in _IMPORTABLE)
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _attribute(module: str, name: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
@@ -135,12 +149,14 @@ class AllowlistUnpickler(pickle.Unpickler):
                 homes = [module] + [h for h in _OPEN_CLIP_HOMES if h != module]
             else:
                 homes = [module]
+            homes = [h for h in homes if _importable(h)]
             for home in homes:
-                obj = _attribute(home, name) if home.startswith(f"{package}.") else None
+                obj = _attribute(home, name)
                 if obj is not None and _allowed_class(obj, package):
                     return obj
-            if package == "open_clip" and all(_attribute(h, name) is None for h in homes):
-                return _stand_in(module, name)  # a class open_clip has since removed
+            removed = module in homes or not _module_exists(module)
+            if package == "open_clip" and removed and all(_attribute(h, name) is None for h in homes):
+                return _stand_in(module, name)  # a class (or module) open_clip has since removed
         raise RefusedGlobalError(
             f"refused global {qualname!r}: reading weights needs only torch, numpy, collections, open_clip / "
             "torchvision-transform classes and the papers' src.modeling classes"
