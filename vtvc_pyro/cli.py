@@ -26,10 +26,10 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from vtvc_pyro.checkpoints import convert_legacy_checkpoint
+    from vtvc_pyro.checkpoints import convert_checkpoint
 
-    convert_legacy_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle, overwrite=args.force)
-    print(f"wrote {args.dst}")
+    print(convert_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle, overwrite=args.force,
+                             class_names=args.class_names, data_root=args.data_root, base=args.base))
 
 
 def _bank_build(args: argparse.Namespace) -> None:
@@ -124,13 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars and no log lines on the console (run.log still gets them)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "convert", "convert a legacy pickled ImageEncoder checkpoint to safetensors",
+    p = _add(sub, "convert", "convert a checkpoint (the papers' pickles and heads, OpenAI TorchScript, "
+             "Hugging Face CLIP directories) to safetensors",
              "vtvc convert --trust-pickle checkpoints/MNIST/finetuned.pt mnist.safetensors")
-    p.add_argument("src", help="the legacy checkpoint (.pt)")
+    p.add_argument("src", help="the checkpoint: .pt / .bin file, TorchScript archive or HF CLIP directory")
     p.add_argument("dst", help="the safetensors file to write")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling (runs code from the file: only for files you trust)")
+                   help="allow unpickling the papers' files (allowlisted classes; only files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--class-names", help="file with a head's class names, one per line (default: the dataset "
+                   "head_<Dataset>.pt names)")
+    p.add_argument("--data-root", help="where Cars, DTD or SUN397 lie, for a head's class names")
+    p.add_argument("--base", help="checkpoint supplying tensors SRC lacks (the proj of a CLIPVisionModel)")
     p.set_defaults(handler=_convert)
 
     bank = sub.add_parser("bank", help="task-vector banks").add_subparsers(dest="bank_command", required=True,

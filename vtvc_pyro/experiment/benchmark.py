@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 
 from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.heads import ClassificationHead, HeadBank
+from vtvc_pyro.hf_clip import is_hf_directory
 from vtvc_pyro.task_vectors import TaskVectorBank
 
 SPLITS = ("train", "val", "test")
@@ -163,9 +164,11 @@ def _from_checkpoints(cfg: ExperimentConfig, pretrained: Path, finetuned: Mappin
 
 
 def _check_file(path: str, key: str) -> Path:
+    """A checkpoint file, or a Hugging Face CLIP directory (``save_pretrained`` layout)."""
     resolved = Path(os.path.expanduser(path))
-    if not resolved.is_file():
-        raise FileNotFoundError(f"{key}: file not found: {resolved}")
+    if not (resolved.is_file() or is_hf_directory(resolved)):
+        raise FileNotFoundError(f"{key}: checkpoint not found (a file or a Hugging Face CLIP directory): "
+                                f"{resolved}")
     return resolved
 
 
