@@ -167,8 +167,8 @@ def _check_file(path: str, key: str) -> Path:
     """A checkpoint file, or a Hugging Face CLIP directory (``save_pretrained`` layout)."""
     resolved = Path(os.path.expanduser(path))
     if not (resolved.is_file() or is_hf_directory(resolved)):
-        raise FileNotFoundError(f"{key}: checkpoint not found (a file or a Hugging Face CLIP directory): "
-                                f"{resolved}")
+        raise FileNotFoundError(f"{key}: file not found: {resolved} (a checkpoint file or a Hugging Face "
+                                "CLIP directory)")
     return resolved
 
 
