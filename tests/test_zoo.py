@@ -174,7 +174,8 @@ def test_corrupted_cache_is_detected_reported_and_rebuilt(micro_zoo, tmp_path, m
     assert calls == ["micro"]
     assert verify_zoo(zoo.root) == []
     assert target.read_bytes() == micro_zoo.finetuned_paths["mnist"].read_bytes()
-    assert not [p for p in (tmp_path / "zoo").iterdir() if p.name != root.name]  # no staging left behind
+    left = [p.name for p in (tmp_path / "zoo").iterdir() if p.name != root.name]
+    assert left == [f".{root.name}.lock"]  # no staging or old zoo left behind, only the build lock
 
 
 def test_missing_file_is_detected(micro_zoo, tmp_path):
