@@ -65,12 +65,11 @@ def _is_write_failure(err: BaseException, path: Path) -> bool:
 
 @contextlib.contextmanager
 def _temporary(path: Path, suffix: str) -> Iterator[str]:
-    """A temporary file next to ``path`` with the umask's permissions; removed unless renamed over
-    ``path`` by the caller. A refused write becomes a :class:`WriteError`."""
+    """A temporary file next to ``path``, removed unless renamed over ``path`` by the caller. A refused
+    write becomes a :class:`WriteError`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
     except WriteError:
         raise
@@ -89,8 +88,11 @@ def _temporary(path: Path, suffix: str) -> Iterator[str]:
 
 
 def _replace(tmp: str, path: Path) -> None:
+    """fsync ``tmp``, give it the umask's permissions (temporary files are created 0600, and some writers
+    replace the file), and rename it over ``path``."""
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
