@@ -28,12 +28,12 @@ class Holder:
     """A second Python process that runs ``setup`` (its last line may print), says ``ready``, and waits for
     a line on stdin before exiting."""
 
-    def __init__(self, setup: str, env: dict[str, str] | None = None):
+    def __init__(self, setup: str):
         script = f"import sys\n{textwrap.dedent(setup)}\nprint('ready', flush=True)\nsys.stdin.readline()\n"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", script], cwd=ROOT, text=True, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
     def __enter__(self) -> Holder:
