@@ -8,6 +8,7 @@ holds an exclusive lock on its directory (``.vtvc.lock``) from :meth:`RunDirecto
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -33,7 +34,7 @@ RUN_ENTRIES = (
 )
 """Everything a run writes; ``force`` removes exactly these."""
 LOCK_FILE = ".vtvc.lock"
-OWNER_FILE = ".vtvc.owner.json"
+OWNER_FILE = ".vtvc.lock.owner"
 """The lock a run holds for its lifetime, and who holds it (pid, host, start time, argv)."""
 
 
@@ -108,6 +109,10 @@ class RunDirectory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:  # an unclosed run (e.g. dropped by its caller) releases its lock too
+        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing left to report to
+            self.close()
 
     # ---------------------------------------------------------------- the lock
 
