@@ -134,7 +134,7 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: damaged JSON ({err}); restore or delete the file") from err
+        raise ValueError(f"{path}: damaged JSON ({err})") from err
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

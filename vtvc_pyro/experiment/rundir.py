@@ -298,7 +298,8 @@ class RunDirectory:
         try:
             return read_json(path)
         except ValueError as err:
-            raise RunDirectoryError(f"{err}; or pass --force to start the run over") from None
+            raise RunDirectoryError(f"{err}; pass --force to start the run over, or choose another --out"
+                                    ) from None
 
     def read_manifest(self) -> dict[str, Any] | None:
         manifest = self.read_json("manifest.json")
@@ -355,8 +356,8 @@ class RunDirectory:
         try:
             return read_json(path)
         except ValueError as err:
-            raise RunDirectoryError(f"{err} (delete it and run the same command again to recompute "
-                                    f"'{method}'; the other finished methods are kept)") from None
+            raise RunDirectoryError(f"{err}; delete it and run the same command again to recompute "
+                                    f"'{method}' (the other finished methods are kept)") from None
 
     def mark_complete(self) -> None:
         manifest = self.read_manifest() or {}
