@@ -164,23 +164,24 @@ def test_a_damaged_checkpoint_is_moved_aside_and_finished_methods_kept(tmp_path)
 
 def test_a_second_build_waits_for_the_first_and_uses_its_zoo(micro_zoo, tmp_path, monkeypatch):
     """Two runs on an empty cache: the second build used to delete the zoo the first had just put in place.
-    Here a helper process builds (a copy of the micro zoo, slowly) while this process asks for the zoo."""
+    Here a helper process holds the preset's build lock and builds (a copy of the micro zoo, slowly; it
+    imports only filelock, to stay fast) while this process asks for the zoo."""
     cache, log = tmp_path / "cache", tmp_path / "builds.log"
+    root = zoo_root("micro", cache)
+    root.parent.mkdir(parents=True)
     setup = f"""
-import shutil, threading, time
-from vtvc_pyro.zoo import build
-started = threading.Event()
-def fake_write(staging, preset):
+import os, shutil, threading, time
+import filelock
+lock = filelock.FileLock({str(root.parent / f".{root.name}.lock")!r}, thread_local=False)
+lock.acquire()
+def build():
+    time.sleep(2.0)
+    shutil.copytree({str(micro_zoo.root)!r}, {str(root.parent / "staging")!r})
+    os.rename({str(root.parent / "staging")!r}, {str(root)!r})
     with open({str(log)!r}, "a") as f:
         f.write("helper\\n")
-    started.set()
-    time.sleep(2.0)
-    shutil.rmtree(staging)
-    shutil.copytree({str(micro_zoo.root)!r}, staging)
-build._write_zoo = fake_write
-worker = threading.Thread(target=build.build_zoo, args=("micro",), kwargs={{"cache_dir": {str(cache)!r}}})
-worker.start()
-started.wait(60)
+    lock.release()
+threading.Thread(target=build).start()
 """
 
     def own_write(staging, preset):
@@ -195,7 +196,6 @@ started.wait(60)
             zoo = zoo_build.load_zoo("micro", cache_dir=cache)
         assert all(path.is_file() for path in zoo.finetuned_paths.values())
     assert log.read_text().splitlines() == ["helper"]
-    root = zoo_root("micro", cache)
     assert verify_zoo(root) == []
     assert sorted(p.name for p in root.parent.iterdir()) == sorted([root.name, f".{root.name}.lock"])
 
