@@ -256,3 +256,12 @@ def test_fingerprint_follows_tensor_contents_not_file_bytes(micro_zoo, tmp_path)
     save_file(tensors, str(root / rel), metadata=metadata)
     assert zoo_fingerprint(root)["content_sha256"] != original["content_sha256"]
     assert original["format_version"] == micro_zoo.manifest["format_version"]
+
+
+def test_an_unwritable_cache_gives_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["zoo", "build", "--preset", "micro", "--cache-dir", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the zoo cache {tmp_path / 'file' / 'zoo'}")
+    assert "--cache-dir" in err and err.count("\n") == 1

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vtvc_pyro.heads import ClassificationHead
-from vtvc_pyro.io import atomic_path, sha256_file, write_json
+from vtvc_pyro.io import WriteError, atomic_path, sha256_file, write_json
 from vtvc_pyro.zoo.baselines import evaluate_baselines
 from vtvc_pyro.zoo.dataset import ImageSplit
 from vtvc_pyro.zoo.presets import FORMAT_VERSION, ZooPreset, get_preset
@@ -197,14 +197,17 @@ def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = Non
     """
     config = get_preset(preset)
     root = zoo_root(preset, cache_dir)
-    root.parent.mkdir(parents=True, exist_ok=True)
     lock = build_lock(root)
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except filelock.Timeout:
         warnings.warn(f"another process is building the zoo at {root}; waiting for it", RuntimeWarning,
                       stacklevel=2)
         lock.acquire()
+    except OSError as err:
+        raise WriteError(f"cannot write the zoo cache {root.parent}: {err.strerror or err}; set "
+                         "$VTVC_CACHE_DIR (or --cache-dir) to a writable directory") from err
     try:
         if root.exists() and not force:
             problems = verify_zoo(root)
