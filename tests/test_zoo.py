@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -18,6 +20,12 @@ from vtvc_pyro.zoo.training import finetune_encoder
 
 def _hashes(images):
     return {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _copy_zoo(zoo, cache_dir):
@@ -265,3 +273,10 @@ def test_an_unwritable_cache_gives_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write the zoo cache {tmp_path / 'file' / 'zoo'}")
     assert "--cache-dir" in err and err.count("\n") == 1
+
+
+def test_a_built_zoo_follows_the_umask(micro_zoo):
+    """The zoo directory used to keep mkdtemp's 0700 and its files mkstemp's 0600."""
+    assert stat.S_IMODE(micro_zoo.root.stat().st_mode) == 0o777 & ~_umask()
+    for rel in ("zoo.json", "pretrained.safetensors", "finetuned/mnist.safetensors"):
+        assert stat.S_IMODE((micro_zoo.root / rel).stat().st_mode) == 0o666 & ~_umask(), rel

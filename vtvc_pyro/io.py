@@ -25,10 +25,11 @@ class WriteError(OSError, ValueError):
     """A file could not be written; the message names the path and says what to do."""
 
 
-def _umask() -> int:
+def permissions(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode a new file (``0o666``) or directory (``0o777``) gets."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return base & ~mask
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -92,7 +93,7 @@ def _replace(tmp: str, path: Path) -> None:
     replace the file), and rename it over ``path``."""
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, permissions())
     os.replace(tmp, path)
 
 

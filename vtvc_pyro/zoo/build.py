@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vtvc_pyro.heads import ClassificationHead
-from vtvc_pyro.io import WriteError, atomic_path, sha256_file, write_json
+from vtvc_pyro.io import WriteError, atomic_path, permissions, sha256_file, write_json
 from vtvc_pyro.zoo.baselines import evaluate_baselines
 from vtvc_pyro.zoo.dataset import ImageSplit
 from vtvc_pyro.zoo.presets import FORMAT_VERSION, ZooPreset, get_preset
@@ -216,6 +216,7 @@ def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = Non
             warnings.warn(f"zoo cache at {root} is invalid ({'; '.join(problems)}); rebuilding it",
                           RuntimeWarning, stacklevel=2)
         staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+        os.chmod(staging, permissions(0o777))  # mkdtemp makes it private; the zoo follows the umask
         try:
             _write_zoo(staging, config)
             _swap_in(staging, root)
