@@ -43,7 +43,7 @@ def _bank_build(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
     blocks = args.blocks if args.blocks in ("tensor", "layer") else args.blocks.split(",")
     bank = TaskVectorBank.from_checkpoints(
-        args.pretrained, dict(args.finetuned), blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
+        args.pretrained, args.finetuned, blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
     )
     bank.save(args.out)
     size = bank.vectors.shape[1]
