@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ class Benchmark:
     trust_pickle: bool = False
     input_files: dict[str, Path] = field(default_factory=dict)
     """The files whose content the results depend on, by role (see :meth:`fingerprint`)."""
+    input_identity: dict[str, Any] = field(default_factory=dict)
+    """Identities computed from contents by the source itself (an embedded zoo's content fingerprint)."""
     _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,13 +56,14 @@ class Benchmark:
             )
         return self._banks[key]
 
-    def fingerprint(self) -> dict[str, dict[str, int | str]]:
-        """Identity of every input file: size and modification time, plus the SHA-256 of files under
-        1 MB (a zoo's ``zoo.json`` lists the checksums of all its files). A resumed run compares it with
-        the one it started with, so results computed from different checkpoints are never mixed."""
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of every input: a zoo's content fingerprint (format version, configuration, tensor
+        contents), and for checkpoint files their size and modification time, plus the SHA-256 of files
+        under 1 MB. A resumed run compares it with the one it started with, so results computed from
+        different inputs are never mixed."""
         from vtvc_pyro.io import sha256_file
 
-        identity = {}
+        identity = dict(self.input_identity)
         for role, path in self.input_files.items():
             stat = path.stat()
             entry: dict[str, int | str] = {"path": str(path), "bytes": stat.st_size}
@@ -119,7 +123,7 @@ def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchma
         splits=_limit(splits, cfg),
         pretrained_path=zoo.pretrained_path,
         finetuned_paths={t: zoo.finetuned_paths[t] for t in tasks},
-        input_files={"zoo.json": zoo.root / "zoo.json"},
+        input_identity={"zoo": zoo.fingerprint()},
     )
 
 

@@ -137,8 +137,8 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     root = Path(out) if out is not None else Path("runs") / Path(config_path).stem
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
                   "out": os.fspath(root), "force": force}
-    run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force)
-    with _logger(run.log_path, console, quiet) as log, _threads(cfg.threads):
+    with RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force) as run, \
+            _logger(run.log_path, console, quiet) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
