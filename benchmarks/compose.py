@@ -205,6 +205,38 @@ def train_step(visual, bank: TaskVectorBank, images: torch.Tensor, coef: torch.T
     return run
 
 
+def calibrate(threads: int, width: int = 768, tokens: int = 50, n: int = 16, repeats: int = 5) -> None:
+    """Measure the constants of the cost model of ``mode="auto"`` on one ViT-B-sized MLP layer, in
+    multiply-adds per weight element: gathering + scattering a sample (``_GATHER_COST``) and forming one
+    sample's weights from T = 8 task vectors (``_MATERIALISE_COST``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    fin, fout, T = width, 4 * width, 8
+    x, tau = torch.randn(2 * n, tokens, fin), torch.randn(fin, fout)
+    rows, y = torch.arange(0, 2 * n, 2), torch.zeros(2 * n, tokens, fout)
+    base, taus, c = torch.randn(1, fin * fout), torch.randn(T, fin * fout), torch.randn(1, T)
+    out = torch.empty(1, fin * fout)
+
+    def best(fn) -> float:
+        fn()
+        return min(timed_call(fn) for _ in range(repeats))
+
+    gemm = best(lambda: x[:n].reshape(-1, fin) @ tau)
+    gathered = best(lambda: y.index_add_(0, rows, (x.index_select(0, rows).reshape(-1, fin) @ tau)
+                                          .view(n, tokens, fout)))
+    merge = best(lambda: torch.addmm(base, c, taus, out=out))
+    per_mac = gemm / (n * tokens * fin * fout)
+    print(f"GEMM {per_mac * 1e12:.1f} ps per multiply-add; _GATHER_COST ≈ "
+          f"{(gathered / gemm - 1) / (1 / fin + 1 / fout):.0f}; _MATERIALISE_COST ≈ "
+          f"{merge / (fin * fout) / per_mac:.0f} (multiply-adds per weight element)")
+
+
+def timed_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def run_worker(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                           text=True, check=False)
@@ -283,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: same, scattered")
     parser.add_argument("--ranks", type=split(int), default=[], help="low-rank banks to time (rank r)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    parser.add_argument("--calibrate", action="store_true", help="measure the cost model's constants")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the per-sample loop and vmap rows")
     parser.add_argument("--tasks", type=int, default=8)
@@ -296,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.calibrate:
+        calibrate(args.threads)
         return
     if max(args.densities) > args.tasks:
         parser.error(f"--densities must not exceed --tasks ({args.tasks})")
