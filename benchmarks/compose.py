@@ -248,9 +248,13 @@ def run_worker(spec: dict) -> dict:
 def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
     visual = build_tower(model)
     t0 = time.perf_counter()
-    bank = TaskVectorBank.from_state_dicts(visual.state_dict(), Perturbed(visual.state_dict(), args.tasks))
-    path = tmp / f"{model}.safetensors"
-    bank.save(path)
+    path = (args.bank_dir or tmp) / f"{model}-T{args.tasks}.safetensors"
+    if path.is_file():  # --bank-dir: built by an earlier run
+        bank = TaskVectorBank.load(path)
+    else:
+        state = visual.state_dict()
+        bank = TaskVectorBank.from_state_dicts(state, Perturbed(state, args.tasks))
+        bank.save(path)
     P, T, B = bank.num_params, bank.num_tasks, bank.num_blocks
     print(f"\n### {model}: P = {P / 1e6:.2f} M parameters, T = {T}, B = {B} blocks (per tensor), "
           f"device {args.device}, {args.threads or torch.get_num_threads()} threads (bank built in "
@@ -316,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=split(int), default=[], help="low-rank banks to time (rank r)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--calibrate", action="store_true", help="measure the cost model's constants")
+    parser.add_argument("--bank-dir", type=Path, help="keep the random banks here and reuse them")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the per-sample loop and vmap rows")
     parser.add_argument("--tasks", type=int, default=8)
