@@ -284,7 +284,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
                         runs.append((f"compose ({mode})", pattern, k,
                                      base | {"method": "compose", "mode": mode, "k": k, "pattern": pattern}))
             for rank in args.ranks:
-                for k in args.densities:
+                for k in args.rank_densities or args.densities:
                     runs.append((f"compose (auto, rank {rank})", "same", k,
                                  base | {"method": "compose", "k": k, "rank": rank}))
         results = {}
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patterns", type=split(str), default=["same", "scattered"],
                         help="comma-separated: same, scattered")
     parser.add_argument("--ranks", type=split(int), default=[], help="low-rank banks to time (rank r)")
+    parser.add_argument("--rank-densities", type=split(int), default=[],
+                        help="k̄ values of the low-rank rows (default: --densities)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--calibrate", action="store_true", help="measure the cost model's constants")
     parser.add_argument("--bank-dir", type=Path, help="keep the random banks here and reuse them")
