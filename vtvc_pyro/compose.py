@@ -37,7 +37,9 @@ MODES = ("auto", "composed", "sparse", "materialise")
 # extra GEMM costs ``L`` (L tokens) per sample it runs on; gathering a sample's rows and scattering its output
 # back costs ``_GATHER_COST · (1/in + 1/out)`` times that; forming one sample's weights (memory-bound) costs
 # ``_MATERIALISE_COST``, and its per-sample GEMM ``L / 4`` more than one shared GEMM. Measured on the 2-core
-# x86 CPU (benchmarks/compose.py --calibrate, benchmarks/README.md).
+# x86 CPU (benchmarks/compose.py --calibrate, benchmarks/README.md): forming weights 50-64; the gather
+# overhead was below the timing noise at ViT-B width, so 30 is a conservative bound (it only makes a layer
+# skip gathering for a task vector used by nearly every sample, or in narrow layers).
 _MATERIALISE_COST = 64.0
 _GATHER_COST = 30.0
 _CHUNK_ELEMENTS = 1 << 24  # per-sample weights formed at a time (64 MB in float32)
