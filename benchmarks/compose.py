@@ -264,8 +264,9 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
                     threads=args.threads, mode="auto", train=args.train)
         runs = [("plain", "-", "-", base | {"method": "plain"})]
         if args.train:
-            runs.append(("atlas", "-", "-", base | {"method": "atlas"}))
-            for rank in [None, *args.ranks]:
+            if args.full_rank:
+                runs.append(("atlas", "-", "-", base | {"method": "atlas"}))
+            for rank in [None, *args.ranks] if args.full_rank else args.ranks:
                 for k in args.densities:
                     label = "vtvc" + (f" (rank {rank})" if rank else "")
                     runs.append((label, "scattered", k, base | {"method": "vtvc", "k": k, "rank": rank,
@@ -309,7 +310,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    split = lambda cast: lambda s: [cast(v) for v in s.split(",")]  # noqa: E731
+    split = lambda cast: lambda s: [cast(v) for v in s.split(",") if v]  # noqa: E731
     parser.add_argument("--models", type=split(str), default=["tiny", "vit-b-32"],
                         help="comma-separated: tiny, vit-b-32, vit-b-16, vit-l-14")
     parser.add_argument("--batch-sizes", type=split(int), default=[32, 64])
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank-densities", type=split(int), default=[],
                         help="k̄ values of the low-rank rows (default: --densities)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    parser.add_argument("--no-full-rank", dest="full_rank", action="store_false",
+                        help="--train: only the plain step and the --ranks banks")
     parser.add_argument("--calibrate", action="store_true", help="measure the cost model's constants")
     parser.add_argument("--bank-dir", type=Path, help="keep the random banks here and reuse them")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
