@@ -264,8 +264,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> None:
                     threads=args.threads, mode="auto", train=args.train)
         runs = [("plain", "-", "-", base | {"method": "plain"})]
         if args.train:
-            if args.full_rank:
-                runs.append(("atlas", "-", "-", base | {"method": "atlas"}))
+            runs.append(("atlas", "-", "-", base | {"method": "atlas"}))
             for rank in [None, *args.ranks] if args.full_rank else args.ranks:
                 for k in args.densities:
                     label = "vtvc" + (f" (rank {rank})" if rank else "")
@@ -323,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="k̄ values of the low-rank rows (default: --densities)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--no-full-rank", dest="full_rank", action="store_false",
-                        help="--train: only the plain step and the --ranks banks")
+                        help="--train: no full-bank VTVC step (the plain, aTLAS and --ranks steps)")
     parser.add_argument("--calibrate", action="store_true", help="measure the cost model's constants")
     parser.add_argument("--bank-dir", type=Path, help="keep the random banks here and reuse them")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
