@@ -1,5 +1,5 @@
-"""Task negation (METHOD §8): the likelihood that asks a target task's samples to forget, and task arithmetic's
-α rule for negation.
+"""Task negation (METHOD §8): the likelihood that asks a target task's samples to forget, and task
+arithmetic's α rule for negation.
 
 The forgetting likelihood keeps the ``obs`` site of any model (VTVC, aTLAS, the meta-network) and changes
 what it scores: a control sample is scored by ``log p(label)`` as before, a target sample by the negated
@@ -70,9 +70,9 @@ class _ForgetObs(Messenger):
 
 
 class ForgetLikelihood:
-    """``model`` fitted with the forgetting likelihood: samples whose task id is ``forget_task`` (a head index)
-    are pushed toward the uniform distribution over its ``num_classes`` classes; the others keep their labels.
-    Call it as the model in SVI; predict with ``model`` itself."""
+    """``model`` fitted with the forgetting likelihood: samples whose task id is ``forget_task`` (a head
+    index) are pushed toward the uniform distribution over its ``num_classes`` classes; the others keep their
+    labels. Call it as the model in SVI; predict with ``model`` itself."""
 
     def __init__(self, model: Any, forget_task: int, num_classes: int):
         self.model, self.forget_task, self.num_classes = model, int(forget_task), int(num_classes)

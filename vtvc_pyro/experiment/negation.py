@@ -19,7 +19,12 @@ import torch
 
 from vtvc_pyro.evaluate import evaluate_encoder
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
-from vtvc_pyro.experiment.scoring import CoefficientStats, encoder_predictor, predict_dataset, scores_from_probs
+from vtvc_pyro.experiment.scoring import (
+    CoefficientStats,
+    encoder_predictor,
+    predict_dataset,
+    scores_from_probs,
+)
 from vtvc_pyro.io import atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.negation import CONTROL_KEEP, ForgetLikelihood, select_negation_alpha
