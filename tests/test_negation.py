@@ -105,12 +105,11 @@ def test_alpha_rule_takes_the_largest_grid_value_that_keeps_control_accuracy():
 
 
 def _accuracy(visual, head, split) -> float:
-    correct = 0
+    """Top-1 accuracy of ``head(visual(image))`` over a split of ``(image, label)`` items."""
+    images = torch.stack([split[i][0] for i in range(len(split))])
+    labels = torch.tensor([int(split[i][1]) for i in range(len(split))])
     with torch.no_grad():
-        for i in range(len(split)):
-            image, label = split[i]
-            correct += int(head(visual(image[None])).argmax(-1).item() == int(label))
-    return correct / len(split)
+        return (head(visual(images)).argmax(-1) == labels).double().mean().item()
 
 
 def test_negation_runs_end_to_end_and_task_arithmetic_matches_a_naive_oracle(micro_zoo, tmp_path):
