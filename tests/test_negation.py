@@ -112,7 +112,8 @@ def _accuracy(visual, head, split) -> float:
         return (head(visual(images)).argmax(-1) == labels).double().mean().item()
 
 
-def test_negation_runs_end_to_end_and_task_arithmetic_matches_a_naive_oracle(micro_zoo, tmp_path):
+def test_negation_runs_end_to_end_and_task_arithmetic_matches_a_naive_oracle(micro_zoo, tmp_path, capsys):
+    from vtvc_pyro import cli
     from vtvc_pyro.experiment.runner import run_experiment
 
     methods = ["zeroshot", "finetuned", "task_arithmetic", "atlas", "vtvc"]
@@ -128,6 +129,9 @@ def test_negation_runs_end_to_end_and_task_arithmetic_matches_a_naive_oracle(mic
     for target in tasks:
         assert f"### Target {target} (controls: " in table
     assert "### Mean over targets" in table
+    capsys.readouterr()
+    cli.main(["show", str(out)])
+    assert capsys.readouterr().out.strip() == table.strip()
 
     model = micro_zoo.create_model()
     pretrained = load_file(str(micro_zoo.pretrained_path))
