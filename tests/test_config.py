@@ -66,7 +66,10 @@ def test_defaults_follow_the_method_page():
         ({"zoo": {"tasks": ["mnist", 3]}}, "zoo.tasks[1]: input should be a valid string; got 3"),
         ({"zoo": {"finetuned": {"mnist": 1}}}, "zoo.finetuned.mnist: input should be a valid string"),
         ({"protocol": {"ties_top_k": 1.5}}, "protocol.ties_top_k: input should be less than or equal to 1"),
-        ({"protocol": {"name": "negation"}}, "protocol.name: input should be 'task_addition' or 'knowledge"),
+        ({"protocol": {"name": "forgetting"}}, "protocol.name: input should be 'task_addition', 'knowledge"),
+        ({"protocol": {"name": "negation"}}, "methods[3]: 'ties' has no negation form"),
+        ({"protocol": {"name": "negation"}, "methods": ["finetuned", "vtvc"]},
+         "methods: the negation protocol reports control accuracy relative to zeroshot"),
         ({"protocol": {"alpha_grid": []}}, "protocol.alpha_grid: tuple should have at least 1 item"),
         # issue 15 items 4 and 11: values the engine would refuse after other methods ran
         ({"svi": {"kl_weight": 0}}, "svi.kl_weight: must be > 0 and finite, got 0"),

@@ -90,6 +90,7 @@ def _plot(args: argparse.Namespace) -> None:
 def _show(args: argparse.Namespace) -> None:
     import json
 
+    from vtvc_pyro.experiment import negation
     from vtvc_pyro.experiment.report import to_markdown
 
     path = os.path.join(args.run, "metrics.json")
@@ -97,7 +98,11 @@ def _show(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{path}: not found; is {args.run} a finished vtvc run?")
     with open(path) as handle:
         metrics = json.load(handle)
-    print(to_markdown(metrics["methods"], metrics["tasks"], metrics.get("title", metrics["name"])))
+    title = metrics.get("title", metrics["name"])
+    if "negation" in metrics:
+        print(negation.to_markdown(metrics["negation"]["targets"], title))
+    else:
+        print(to_markdown(metrics["methods"], metrics["tasks"], title))
 
 
 def _add(sub: argparse._SubParsersAction, name: str, summary: str, example: str) -> argparse.ArgumentParser:

@@ -45,6 +45,9 @@ METHODS = (
 )
 """Built-in methods, in the order of the comparison table."""
 
+NOT_NEGATING = ("ties", "vtvc_merged")
+"""Methods the negation protocol does not define (METHOD §8)."""
+
 FITTED_METHODS = ("task_arithmetic", "ties", "atlas", "metanet", "vtvc_gaussian", "vtvc_stochastic", "vtvc")
 """Methods whose settings a variant may change (``variants:``)."""
 
@@ -229,11 +232,12 @@ class ZooConfig(_Section):
 
 
 class ProtocolConfig(_Section):
-    """Task addition (one composition for all tasks) or knowledge transfer (compose the other tasks)."""
+    """Task addition (one composition for all tasks), knowledge transfer (compose the other tasks) or negation
+    (subtract a target task, keep the others)."""
 
-    name: Literal["task_addition", "knowledge_transfer"] = "task_addition"
+    name: Literal["task_addition", "knowledge_transfer", "negation"] = "task_addition"
     targets: tuple[str, ...] | None = None
-    """Knowledge-transfer target tasks; null = every task."""
+    """Knowledge-transfer or negation target tasks; null = every task."""
     alpha_grid: tuple[FiniteFloat, ...] = Field(default=ALPHA_GRID, min_length=1)
     """Scaling coefficients tried for task arithmetic and TIES, chosen on val."""
     ties_top_k: float = Field(default=0.2, gt=0, le=1)
@@ -323,6 +327,15 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"methods[{i}]: {method!r} is listed twice")
         if "vtvc_merged" in self.methods and "vtvc" not in self.methods:
             raise ValueError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
+        if self.protocol.name == "negation":
+            for i, method in enumerate(self.methods):
+                if method in NOT_NEGATING or (method in self.variants and self.variants[method].method
+                                              in NOT_NEGATING):
+                    raise ValueError(f"methods[{i}]: {method!r} has no negation form; the negation protocol "
+                                     f"runs every method but {', '.join(NOT_NEGATING)}")
+            if "zeroshot" not in self.methods:
+                raise ValueError("methods: the negation protocol reports control accuracy relative to "
+                                 "zeroshot; list zeroshot")
         if self.prior.relaxed and self.guide.gating == "gated":
             raise ValueError("guide.gating: a relaxed spike (prior.temperature) needs a stochastic gating")
         return self

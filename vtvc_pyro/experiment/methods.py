@@ -26,6 +26,7 @@ from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.compose import ComposedEncoder
 from vtvc_pyro.data import MultiTaskDataset
 from vtvc_pyro.evaluate import Predict, TaskMetrics, evaluate_encoder, select_alpha
+from vtvc_pyro.experiment.negation import forgetting, inclusion_by_input, negated_task_arithmetic
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
     CoefficientStats,
@@ -99,8 +100,11 @@ def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks
 def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool
          ) -> FitResult:
     """SVI on the problem's fit data, continuing from the method's checkpoint if a previous run left one. The
-    deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO (no latents)."""
+    deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO (no latents).
+    A negation problem fits with the forgetting likelihood."""
     config = ctx.cfg.svi_config(progress=ctx.progress)
+    if problem.forget is not None:
+        model = forgetting(model, problem)
     if not bayesian:
         b = ctx.cfg.baselines
         config = dataclasses.replace(config, steps=b.steps, lr=b.lr, batch_size=b.batch_size, elbo="trace",
@@ -201,7 +205,9 @@ def finetuned(ctx: Context, problem: Problem) -> Outcome:
 
 @register("task_arithmetic", needs=("finetuned",))
 def task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
-    """θ0 + α Σ_t τ_t, α chosen on val."""
+    """θ0 + α Σ_t τ_t, α chosen on val; for negation θ0 − α τ_target, α keeping the control accuracy."""
+    if problem.forget is not None:
+        return negated_task_arithmetic(ctx, problem)
     bank = problem.bank
     outcome = _merged_scores(ctx, problem, lambda alpha: task_arithmetic_merge(bank, alpha))
     alpha = outcome.details["alpha"]
@@ -295,7 +301,8 @@ def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) 
         else:
             probs, labels, task = predict_dataset(post.predict, test, ctx.cfg.eval.batch_size)
         scores = scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
-        stats = CoefficientStats().add(post.summarize(test, test_features)["coef"])
+        summary = post.summarize(test, test_features)
+        stats = CoefficientStats().add(summary["coef"])
 
     with ctx.timer("save"):
         out = ctx.artifact_dir(problem)
@@ -310,6 +317,8 @@ def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) 
         _save_fit(ctx, problem, guide, fit, {"method": ctx.name, "guide": ctx.cfg.guide.kind,
                                              "gating": guide.gating, "prior": prior.to_mapping()})
     details = {**_fit_details(fit), "gating": guide.gating, "prior": prior.to_mapping()}
+    if problem.forget is not None:
+        details["inclusion"] = inclusion_by_input(summary, problem)
     return Outcome(scores, stats, details, product=task_coef)
 
 

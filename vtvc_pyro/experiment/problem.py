@@ -2,7 +2,9 @@
 
 Task addition is one problem (compose all T task vectors, fit on the union of val splits, score every
 task's test split with its own head). Knowledge transfer is one problem per target task (compose the other
-tasks' vectors, fit on the target's train split, score its test split).
+tasks' vectors, fit on the target's train split, score its test split). Negation is one problem per target
+task (the target's vector only, fit on the val splits of the target and of the other tasks, its controls;
+score every task's test split).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from vtvc_pyro.task_vectors import TaskVectorBank
 
 @dataclass
 class Problem:
-    """The bank to compose, the tasks scored (``heads`` order), and their fit / val / test data."""
+    """The bank to compose, the tasks scored (``heads`` order), and their fit / val / test data. ``forget``
+    (negation): the target task whose samples the learned methods are asked to forget (METHOD §8)."""
 
     name: str
     tasks: list[str]
@@ -40,6 +43,7 @@ class Problem:
     fit: dict[str, Dataset]
     val: dict[str, Dataset]
     test: dict[str, Dataset]
+    forget: str | None = None
     _joined: dict[str, MultiTaskDataset] = field(default_factory=dict, repr=False)
 
     def joined(self, split: str) -> MultiTaskDataset:
@@ -62,7 +66,9 @@ def make_problems(cfg: ExperimentConfig, bench: Benchmark) -> list[Problem]:
     if unknown:
         raise ValueError(f"protocol.targets: unknown tasks {unknown}; the benchmark has {bench.task_names}")
     if len(bench.task_names) < 2:
-        raise ValueError("protocol.name: knowledge transfer needs at least two tasks")
+        raise ValueError(f"protocol.name: {cfg.protocol.name.replace('_', ' ')} needs at least two tasks")
+    if cfg.protocol.name == "negation":
+        return [_negation_problem(target, bank, bench) for target in targets]
     problems = []
     for target in targets:
         others = [t for t in bench.task_names if t != target]
@@ -72,6 +78,15 @@ def make_problems(cfg: ExperimentConfig, bench: Benchmark) -> list[Problem]:
             {target: splits["test"][target]},
         ))
     return problems
+
+
+def _negation_problem(target: str, bank: TaskVectorBank, bench: Benchmark) -> Problem:
+    """Negate ``target``: its task vector alone, fitted on the val splits of the target and the controls (the
+    other tasks), every task scored with its own head."""
+    tasks = [target, *(t for t in bench.task_names if t != target)]
+    val = {t: bench.splits["val"][t] for t in tasks}
+    return Problem(target, tasks, bank.select_tasks([target]), HeadBank({t: bench.heads[t] for t in tasks}),
+                   dict(val), val, {t: bench.splits["test"][t] for t in tasks}, forget=target)
 
 
 class FeatureCache:

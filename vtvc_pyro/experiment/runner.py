@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from vtvc_pyro.evaluate import reliability_bins
-from vtvc_pyro.experiment import report
+from vtvc_pyro.experiment import negation, report
 from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
 from vtvc_pyro.experiment.figures import draw_figures
@@ -91,9 +91,11 @@ def _threads(count: int | None) -> Iterator[None]:
 
 def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome, dict[str, float]]],
             cfg: ExperimentConfig) -> dict[str, Any]:
-    """A method's result file: per-task test metrics, coefficient statistics, seconds per phase (and any
-    seconds spent outside the phases, ``untimed_seconds``), reliability bins."""
+    """A method's result file: per-task test metrics (of a negation problem, its target's), per-problem test
+    metrics, coefficient statistics, seconds per phase (and any seconds spent outside the phases,
+    ``untimed_seconds``), reliability bins."""
     scores = Scores.concat([o.scores for _, o, _ in outcomes])
+    tasks = {t: m for p, o, _ in outcomes for t, m in o.scores.tasks.items() if p.forget in (None, t)}
     merged = CoefficientStats()
     for _, o, _ in outcomes:
         if o.coef is not None:
@@ -102,7 +104,8 @@ def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome, dict[st
     return {
         "method": name,
         "runs": base,
-        "tasks": {t: m.to_dict() for t, m in scores.tasks.items()},
+        "tasks": {t: m.to_dict() for t, m in tasks.items()},
+        "problems": {p.name: {t: m.to_dict() for t, m in o.scores.tasks.items()} for p, o, _ in outcomes},
         **merged.summary(),
         **{f"{k}_seconds": v for k, v in seconds.items()},
         "reliability": reliability_bins(scores.confidence, scores.correct, cfg.eval.ece_bins),
@@ -186,23 +189,29 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             log(f"{tag}: mean test accuracy {100 * sum(accuracy) / len(accuracy):.1f}% "
                 f"(fit {result['fit_seconds']:.1f} s, eval {result['eval_seconds']:.1f} s{saving})")
 
-        rows, tasks, title = _tables(run, cfg, results, bench.description, bench.source)
+        _tables(run, cfg, results, bench.description, bench.source)
         plots = draw_figures(run)
         run.mark_complete()
         log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
-    console.print(report.to_markdown(rows, tasks, title), markup=False, highlight=False, soft_wrap=True)
+    console.print((run.root / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
     return run.root
 
 
 def _tables(run: RunDirectory, cfg: ExperimentConfig, results: dict[str, dict[str, Any]], description: str,
-            source: str) -> tuple[dict[str, Any], list[str], str]:
-    """``table.md``, ``table.csv`` and ``metrics.json`` of the finished methods."""
+            source: str) -> None:
+    """``table.md``, ``table.csv`` and ``metrics.json`` of the finished methods (negation: per-target
+    tables of target and control accuracy)."""
     tasks = list(results["finetuned"]["tasks"])
     finetuned_accuracy = {t: m["accuracy"] for t, m in results["finetuned"]["tasks"].items()}
     rows = report.summarize({m: results[m] for m in cfg.methods}, tasks, finetuned_accuracy)
     title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {description}"
-    report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
+    extra = {}
+    if cfg.protocol.name == "negation":
+        extra["negation"] = negation.write_tables(results, cfg.methods, run.root / "table.md",
+                                                  run.root / "table.csv", title)
+    else:
+        report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
     write_json(run.root / "metrics.json", {
         "name": cfg.name,
         "config_digest": digest(cfg),
@@ -214,5 +223,5 @@ def _tables(run: RunDirectory, cfg: ExperimentConfig, results: dict[str, dict[st
         "finetuned_accuracy": finetuned_accuracy,
         "methods": {m: {**rows[m], "runs": results[m]["runs"], "details": results[m]["details"]}
                     for m in cfg.methods},
+        **extra,
     })
-    return rows, tasks, title
