@@ -91,6 +91,19 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return _gather(tensor)[0] if active() else tensor
 
 
+def local_rows(n: int) -> range:
+    """This rank's contiguous share of ``n`` rows; all of them in a single process or when ``n`` is smaller
+    than the world size."""
+    if not active() or n < world_size():
+        return range(n)
+    return range(*shard_range(n, rank(), world_size()))
+
+
+def join_rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """The whole ``[n, ...]`` from each rank's ``tensor`` of its :func:`local_rows` ``(n)``."""
+    return gather_rows(tensor) if active() and n >= world_size() else tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """Gather rows; the backward keeps this rank's rows of the (identical on every rank) output gradient,
     times the world size (see the module docstring)."""

@@ -33,7 +33,6 @@ from vtvc_pyro.data import (
     StepBatchSampler,
     batch_loader,
     sequential_batches,
-    shard_range,
     step_order,
 )
 from vtvc_pyro.distributed import ShardedBatch
@@ -148,11 +147,8 @@ def pretrained_features(frozen: FrozenNetworks, data: Dataset, *, batch_size: in
         probe = min(8, num_data)
         if cached.shape[0] == num_data and torch.allclose(cached[:probe], compute(0, probe), atol=1e-5):
             return cached
-    if distributed.world_size() <= num_data:
-        features = distributed.gather_rows(compute(*shard_range(num_data, distributed.rank(),
-                                                                distributed.world_size())))
-    else:
-        features = compute(0, num_data)
+    rows = distributed.local_rows(num_data)
+    features = distributed.join_rows(compute(rows.start, rows.stop), num_data)
     if cache_path is not None and distributed.is_main():
         with atomic_path(cache_path) as tmp:
             save_file({"features0": features.contiguous()}, str(tmp))
