@@ -45,8 +45,11 @@ def run(checkpoint_dir: Path | None = None, kill_at: int = 0) -> dict:
             model = ATLASModel(problem.encoder, problem.heads, problem.task_names, problem.block_names)
             guide = empty_guide
 
-        def kill(info):
-            if kind == "vtvc" and info.step == kill_at and distributed.rank() == distributed.world_size() - 1:
+        last_rank = distributed.rank() == distributed.world_size() - 1
+        stop = kill_at if kind == "vtvc" and last_rank else 0
+
+        def kill(info, stop=stop):
+            if info.step == stop:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         path = None if checkpoint_dir is None else checkpoint_dir / f"{kind}.pt"
