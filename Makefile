@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup run test test-slow lint bench clean
+.PHONY: setup run test test-slow lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/compose.py
+
+gpu-check: $(STAMP)
+	PY=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

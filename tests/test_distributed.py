@@ -16,10 +16,11 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 ROOT = Path(__file__).parent.parent
 
 
-def torchrun(out: Path, checkpoints: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+def torchrun(out: Path, checkpoints: Path, kill_at: int = 0, device: str = "cpu"):
+    """tests/ddp_worker.py in two processes (gloo on CPU, NCCL on CUDA)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(WORKER), str(out), str(checkpoints), str(kill_at)]
+               str(WORKER), str(out), str(checkpoints), str(kill_at), device]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
