@@ -111,3 +111,22 @@ def test_memory_is_pinned_for_cuda_targets_only_unless_set():
     assert LoaderConfig(pin_memory=False).options("cuda")["pin_memory"] is False
     assert LoaderConfig(num_workers=3).options("cpu") == {"num_workers": 3, "pin_memory": False,
                                                           "prefetch_factor": 2}
+
+
+def test_a_fit_loading_through_worker_processes_equals_one_loading_in_process():
+    from planted import planted_problem
+
+    from vtvc_pyro.guide import AmortizedGuide
+    from vtvc_pyro.inference import SVIConfig, fit_svi
+    from vtvc_pyro.model import VTVCModel
+
+    problem = planted_problem(num_per_task=10)
+    fits = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = VTVCModel(problem.encoder, problem.heads, None, problem.task_names, problem.block_names)
+        guide = AmortizedGuide(19, problem.task_names, problem.block_names, hidden_dim=8)
+        config = SVIConfig(steps=5, batch_size=8, lr=0.02, progress=False)
+        fits.append(fit_svi(model, guide, problem.data, config, loader=LoaderConfig(num_workers=workers)))
+    assert fits[0].losses == fits[1].losses
+    assert torch.equal(fits[0].features0, fits[1].features0)
