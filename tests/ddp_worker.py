@@ -39,7 +39,7 @@ def run(checkpoint_dir: Path | None = None, kill_at: int = 0, device: str = "cpu
     out = {"features0": features0}
     for kind in ("vtvc", "atlas"):
         pyro.clear_param_store()
-        torch.manual_seed(0)
+        torch.manual_seed(distributed.rank())  # the ranks initialise differently; fits start from rank 0's
         if kind == "vtvc":
             model = VTVCModel(problem.encoder, problem.heads, None, problem.task_names, problem.block_names)
             guide = AmortizedGuide(19, problem.task_names, problem.block_names, hidden_dim=8)

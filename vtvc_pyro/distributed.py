@@ -171,6 +171,18 @@ class ShardedBatch(Batch):
         Batch(self.index, rows, self.features0, self.labels, self.task, self.num_data)  # Batch's checks
 
 
+def broadcast_params(params: Iterable[torch.Tensor]) -> None:
+    """Copy rank 0's parameter values to every rank (so that the ranks start identical whatever random
+    numbers each drew before the fit)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for p in params:
+            buffer = p.detach().to(_comm_device(p)).contiguous()
+            dist.broadcast(buffer, src=0)
+            p.copy_(buffer)
+
+
 def all_reduce_grads(params: Iterable[torch.Tensor]) -> None:
     """Replace each parameter's gradient by its mean over the ranks (one flat all-reduce)."""
     if not active():

@@ -332,6 +332,7 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
             _load_params(state["params"], checkpoint_path)
             optim.set_state(state["optimizer"])
             _set_rng_state(state["rng"])
+        distributed.broadcast_params(p for _, p in sorted(_named_params().items()))
         with tqdm(total=config.steps, initial=start, desc="svi", leave=False,
                   disable=not config.progress or not distributed.is_main()) as bar:
             for step, batch in enumerate(batches(start, config.steps), start + 1):
