@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process): decisions that change which
+    collectives run, such as resuming from a checkpoint, are taken once."""
+    if not active():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(torch.empty(0)))
+    return box[0]
 
 
 def _comm_device(tensor: torch.Tensor) -> torch.device:

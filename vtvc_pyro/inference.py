@@ -302,8 +302,10 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
     optim = pyro.optim.ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm, "lrd": lrd})
     svi = SVI(model, guide, optim, make_elbo(config))
     state = None
-    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file() and distributed.is_main():
         state = load_checkpoint(checkpoint_path)
+    state = distributed.broadcast_object(state)  # every rank resumes from rank 0's checkpoint, or none does
+    if state is not None:
         _check_resumable(state, config, num_data, checkpoint_path)
     sharded = distributed.active()
 
