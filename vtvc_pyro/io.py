@@ -60,8 +60,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes; of a directory (a Hugging Face checkpoint), of its files' relative
+    paths and digests, in sorted order."""
     digest = hashlib.sha256()
+    if Path(path).is_dir():
+        for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file, chunk_size)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
