@@ -41,17 +41,17 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 class AutocastEncoder:
-    """``encoder(images, coef)`` run under ``torch.autocast`` in ``precision`` on ``device``'s type, returning
-    float32 features; ``fp32`` calls the encoder unchanged."""
+    """``encoder(*inputs)`` (a composed encoder's ``(images, coef)``, a plain tower's ``(images,)``) run under
+    ``torch.autocast`` in ``precision`` on ``device``'s type, returning float32 features; ``fp32`` calls the
+    encoder unchanged."""
 
-    def __init__(self, encoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], precision: str,
-                 device: torch.device | str):
+    def __init__(self, encoder: Callable[..., torch.Tensor], precision: str, device: torch.device | str):
         self.encoder, self.precision = encoder, precision
         self.dtype, self.device_type = compute_dtype(precision), torch.device(device).type
 
-    def __call__(self, images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
-            return self.encoder(images, coef)
+            return self.encoder(*inputs)
         with torch.autocast(self.device_type, dtype=self.dtype):
-            features = self.encoder(images, coef)
+            features = self.encoder(*inputs)
         return features.float()

@@ -128,8 +128,8 @@ def evaluate_encoder(
     """Score an encoder on each task's split with that task's head.
 
     ``encode(images [N, 3, H, W], task_ids [N]) -> features [N, D]``; ``task_ids`` index
-    ``heads.task_names`` (a merged encoder ignores them, a sample-specific one may use them). ``device``
-    (where ``encode`` runs) decides memory pinning; distributed ranks each score a share and gather.
+    ``heads.task_names`` (a merged encoder ignores them, a sample-specific one may use them). Images go to
+    ``device`` (where ``encode`` runs); distributed ranks each score a share and gather.
     """
     results = {}
     for task, dataset in splits.items():
@@ -142,7 +142,7 @@ def evaluate_encoder(
         options = (loader or LoaderConfig()).options(device)
         for images, target in DataLoader(share, batch_size=batch_size, shuffle=False, **options):
             ids = torch.full((len(images),), task_id, dtype=torch.long)
-            logits.append(heads[task](encode(images, ids)).float().cpu())
+            logits.append(heads[task](encode(images.to(device, non_blocking=True), ids)).float().cpu())
             labels.append(torch.as_tensor(target).long())
         n = len(dataset)
         results[task] = metrics_from_logits(join_rows(torch.cat(logits), n), join_rows(torch.cat(labels), n))

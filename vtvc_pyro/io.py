@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes and checksums, used wherever results or checkpoints are written."""
+"""Small file helpers: atomic writes and checksums, used wherever results or checkpoints are written. In a
+distributed run (torchrun) rank 0 alone writes: the other ranks' atomic writes are discarded."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+def writes_files() -> bool:
+    """Whether this process's atomic writes land: a single process, or rank 0 of a distributed run."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    if writes_files():
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -26,7 +41,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -45,7 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
