@@ -62,3 +62,31 @@ def test_killed_two_process_run_resumes_to_the_same_result(two, tmp_path):
     for kind in ("vtvc", "atlas"):
         assert torch.equal(result[kind]["losses"], two[kind]["losses"])
         assert_close(result[kind]["params"], two[kind]["params"], atol=0, rtol=0)
+
+
+SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
+
+
+@pytest.mark.slow
+def test_torchrun_experiment_equals_the_single_process_run(micro_zoo, tmp_path):
+    """``torchrun --nproc_per_node=2 -m vtvc_pyro run smoke.yaml`` on the micro zoo: every method reports
+    the single-process numbers (fits up to the encoder's float rounding), rank 0 alone wrote the run."""
+    import json
+
+    from vtvc_pyro import cli
+
+    cli.main(["run", str(SMOKE), "--out", str(tmp_path / "one"), "--device", "cpu"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "vtvc_pyro", "run", str(SMOKE), "--out", str(tmp_path / "two"), "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / r / "metrics.json").read_text())["methods"] for r in ("one", "two"))
+    assert one.keys() == two.keys()
+    for method, row in one.items():
+        for key, value in row.items():
+            if isinstance(value, float) and not key.endswith("seconds"):
+                assert two[method][key] == pytest.approx(value, abs=1e-4), (method, key)
+    log = (tmp_path / "two" / "run.log").read_text()
+    assert "2 processes" in log and log.count("computing on cpu") == 1  # one writer
+    assert not list((tmp_path / "two").rglob("*.tmp*"))
