@@ -186,3 +186,43 @@ def test_gpu_check_script_runs_on_the_cpu_with_a_tiny_tower():
     assert done.returncode == 0, done.stderr[-3000:]
     for line in ("## merge", "## composed forward", "composed vs per-sample loop", "VTVC bf16", "aTLAS fp32"):
         assert line in done.stdout
+
+
+def test_config_keys_name_the_bad_value_and_the_device_does_not_change_the_run(tmp_path):
+    from vtvc_pyro.experiment.config import ConfigError, digest, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("zoo: {preset: micro}\n")
+    with pytest.raises(ConfigError, match="^device: must be auto, cpu, cuda or cuda:N; got 'tpu'"):
+        load_config(config, ["--device=tpu"])
+    with pytest.raises(ConfigError, match="^precision: "):
+        load_config(config, ["--precision=fp8"])
+    with pytest.raises(ConfigError, match="^loader.num_workers: "):
+        load_config(config, ["--loader.num_workers=-1"])
+    base = load_config(config)
+    assert (base.device, base.precision, base.bank_dtype) == ("auto", "fp32", "float32")
+    assert digest(load_config(config, ["--device=cuda:1", "--loader.num_workers=8"])) == digest(base)
+    assert digest(load_config(config, ["--precision=bf16"])) != digest(base)
+    assert base.svi_config(device="cuda:0").device == "cuda:0"
+
+
+SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_smoke_experiment_on_cuda_matches_cpu_and_runs_in_bf16(micro_zoo, tmp_path):
+    import json
+
+    from vtvc_pyro import cli
+
+    runs = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
+                        ("bf16", ["--device", "cuda", "--precision=bf16", "--bank_dtype=bfloat16"])):
+        cli.main(["run", str(SMOKE), *extra, "--out", str(tmp_path / name)])
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())["methods"]
+    assert "computing on cuda" in (tmp_path / "cuda" / "run.log").read_text()
+    for method, row in runs["cpu"].items():
+        assert runs["cuda"][method]["mean_accuracy"] == pytest.approx(row["mean_accuracy"], abs=0.02), method
+        assert runs["cuda"][method]["nll"] == pytest.approx(row["nll"], abs=0.02), method
+        assert runs["bf16"][method]["mean_accuracy"] == pytest.approx(row["mean_accuracy"], abs=0.1), method
