@@ -33,17 +33,17 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bank_build(args: argparse.Namespace) -> None:
-    from vtvc_pyro.task_vectors import TaskVectorBank
+    from vtvc_pyro.task_vectors import TaskVectorBank, task_mapping
 
-    names = [name for name, _ in args.finetuned]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"--finetuned: task {twice[0]!r} is given twice; give each task once")
+    try:
+        finetuned = task_mapping(args.finetuned)
+    except ValueError as err:
+        raise ValueError(f"--finetuned: {err}") from None
     if os.path.exists(args.out) and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
     blocks = args.blocks if args.blocks in ("tensor", "layer") else args.blocks.split(",")
     bank = TaskVectorBank.from_checkpoints(
-        args.pretrained, dict(args.finetuned), blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
+        args.pretrained, finetuned, blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
     )
     bank.save(args.out)
     size = bank.vectors.shape[1]

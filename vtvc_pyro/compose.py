@@ -188,6 +188,22 @@ def _check_bank(visual: nn.Module, bank: TaskVectorBank) -> None:
             raise ValueError(f"shape mismatch for {k!r}: bank {list(entries[k])} vs tower {list(shape)}")
 
 
+def _check_inputs(images: torch.Tensor, coef: object) -> None:
+    """Refuse, naming the problem, what the plain tower would refuse or silently misread: images that are
+    not a non-empty float ``[N, 3, H, W]`` batch (uint8 pixels must be normalised first, as the plain tower
+    requires too), and images or coefficients on the ``meta`` device (they hold no values)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [N, 3, H, W], got {list(getattr(images, 'shape', []))}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating-point and normalised (image_mean / image_std), got dtype "
+                         f"{images.dtype}; convert uint8 pixels first, e.g. with ImageSplit.tensors()")
+    if images.shape[0] == 0:
+        raise ValueError("images: the batch is empty (N = 0); pass at least one image")
+    for name, value in (("images", images), ("coef", coef)):
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ValueError(f"{name} is on the 'meta' device and holds no values; pass real tensors")
+
+
 class _Weights:
     """Per-forward access to the weights ``θ0 + Σ coef · τ`` of one batch, in composed or materialised form.
 
@@ -365,8 +381,7 @@ class ComposedEncoder(nn.Module):
     def forward(self, images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Features ``[N, D]`` (unnormalised): what the tower returns for each image with its own weights."""
         tw = self.tower
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape [N, 3, H, W], got {list(images.shape)}")
+        _check_inputs(images, coef)
         N, _, H, W = images.shape
         (ph, pw), gh, gw = tw.patch, H // tw.patch[0], W // tw.patch[1]
         if gh * gw + 1 != tw.tokens:

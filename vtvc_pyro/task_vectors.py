@@ -10,6 +10,7 @@ import fnmatch
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -66,6 +67,28 @@ def _pattern_matcher(pattern: str) -> Callable[[str], bool]:
             raise ValueError(f"invalid block regex {pattern!r}: {err}") from err
         return lambda name: regex.fullmatch(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+# Sibling order of open_clip's VisionTransformer.state_dict(): own parameters first, then sub-modules in the
+# order they are registered; any other name sorts after these, numbers numerically.
+_MODEL_ORDER = {name: rank for names in (
+    ("class_embedding", "positional_embedding", "proj", "patchnorm_pre_ln", "conv1", "ln_pre", "transformer",
+     "attn_pool", "attn_pool_contrastive", "ln_post"),
+    ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"),
+    ("query", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+     "out_proj", "ln_q", "ln_k"),
+    ("c_fc", "c_proj"), ("resblocks",), ("weight", "bias", "gamma"),
+) for rank, name in enumerate(names)}
+
+
+def canonical_order(names: Iterable[str]) -> list[str]:
+    """``names`` in the order the pre-trained model itself lists them (open_clip's
+    ``visual.state_dict()`` order), whatever order a file stored them in."""
+    def key(name: str) -> tuple:
+        return tuple((0, int(t), "") if t.isdigit() else (1 + _MODEL_ORDER.get(t, len(_MODEL_ORDER)), 0, t)
+                     for t in name.split("."))
+
+    return sorted(names, key=key)
 
 
 def partition_blocks(names: Sequence[str], blocks: BlockSpec = "tensor") -> tuple[list[str], list[int]]:
@@ -228,15 +251,18 @@ class TaskVectorBank:
     def from_checkpoints(
         cls,
         pretrained: str | os.PathLike,
-        finetuned: Mapping[str, str | os.PathLike],
+        finetuned: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]],
         blocks: BlockSpec = "tensor",
         dtype: torch.dtype | str = torch.float32,
         trust_pickle: bool = False,
     ) -> TaskVectorBank:
         """Build from checkpoint files (read by :func:`vtvc_pyro.checkpoints.load_state_dict`), one task at
-        a time. The bank records each source file's path and SHA-256.
+        a time; ``finetuned`` maps task names to files, or lists ``(task, file)`` pairs (a repeated task
+        name is refused). The bank records each source file's path and SHA-256.
         """
         from vtvc_pyro.checkpoints import load_state_dict
+
+        finetuned = task_mapping(finetuned)
 
         def load(task: str) -> StateDict:
             return load_state_dict(finetuned[task], trust_pickle=trust_pickle)
@@ -265,7 +291,7 @@ class TaskVectorBank:
         not_tensor = [k for k, v in pretrained.items() if not isinstance(v, torch.Tensor)]
         if not_tensor:
             raise ValueError(f"pre-trained state dict: entries are not tensors: {_first(not_tensor)}")
-        names = [k for k, v in pretrained.items() if v.is_floating_point()]
+        names = canonical_order(k for k, v in pretrained.items() if v.is_floating_point())
         if not names:
             raise ValueError("pre-trained state dict has no floating-point tensors")
         block_names, block_ids = partition_blocks(names, blocks)
@@ -284,6 +310,7 @@ class TaskVectorBank:
         for t, task in enumerate(task_names):
             state = load_task(task)
             _check_task(task, pretrained, state, floats)
+            _warn_precision(task, pretrained, state, names, storage)
             for e in entries:
                 segment = slice(e.offset, e.offset + e.numel)
                 vectors[t, segment] = _flat32(state[e.name]) - base[segment]
@@ -481,7 +508,43 @@ class TaskVectorBank:
                        extras, meta["state_keys"], meta["sources"])
         except (KeyError, ValueError) as err:
             raise ValueError(f"{str(path)!r}: inconsistent task-vector bank: {err}") from err
+        _check_bank_finite(bank, str(path))
         return bank.to(device)
+
+
+def task_mapping(finetuned: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]]
+                 ) -> dict[str, str | os.PathLike]:
+    """``{task: file}`` from a mapping or from ``(task, file)`` pairs, refusing a task named twice."""
+    if isinstance(finetuned, Mapping):
+        return dict(finetuned)
+    mapping: dict[str, str | os.PathLike] = {}
+    for task, path in finetuned:
+        if task in mapping:
+            raise ValueError(f"task {task!r} is given twice ({os.fspath(mapping[task])} and "
+                             f"{os.fspath(path)}); give every task once")
+        mapping[task] = path
+    return mapping
+
+
+def _warn_precision(task: str, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                    names: Sequence[str], storage: torch.dtype) -> None:
+    """Warn when a task's floating-point tensors are stored in another precision than θ0's: its task
+    vector then carries that precision's rounding error, whatever the bank's storage dtype."""
+    mixed = sorted({(str(finetuned[k].dtype), str(pretrained[k].dtype)) for k in names
+                    if finetuned[k].dtype != pretrained[k].dtype})
+    if mixed:
+        detail = ", ".join(f"{ft} where the pre-trained weights are {pre}" for ft, pre in mixed)
+        warnings.warn(f"task {task!r}: fine-tuned weights are {detail}; τ = θ_t − θ0 is computed in float32 "
+                      f"and stored as {storage}, but is only as precise as the coarser of the two",
+                      UserWarning, stacklevel=4)
+
+
+def _check_bank_finite(bank: TaskVectorBank, source: str) -> None:
+    """Raise naming the task and tensor of the first non-finite value of a loaded bank."""
+    entries = bank.entries
+    _check_finite(f"{source}: pre-trained weights", bank.base, entries)
+    for t, task in enumerate(bank.task_names):
+        _check_finite(f"{source}: task {task!r}", bank.vectors[t], entries)
 
 
 def _flat32(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ class Benchmark:
     trust_pickle: bool = False
     input_files: dict[str, Path] = field(default_factory=dict)
     """The files whose content the results depend on, by role (see :meth:`fingerprint`)."""
+    input_identity: dict[str, Any] = field(default_factory=dict)
+    """Identities computed from contents by the source itself (an embedded zoo's content fingerprint)."""
     bank_dtype: str = "float32"
     """Storage dtype of the task vectors."""
     device: torch.device = torch.device("cpu")
@@ -66,13 +69,14 @@ class Benchmark:
             ).to(self.device)
         return self._banks[key]
 
-    def fingerprint(self) -> dict[str, dict[str, int | str]]:
-        """Identity of every input file: size and modification time, plus the SHA-256 of files under
-        1 MB (a zoo's ``zoo.json`` lists the checksums of all its files). A resumed run compares it with
-        the one it started with, so results computed from different checkpoints are never mixed."""
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of every input: a zoo's content fingerprint (format version, configuration, tensor
+        contents), and for checkpoint files their size and modification time, plus the SHA-256 of files
+        under 1 MB. A resumed run compares it with the one it started with, so results computed from
+        different inputs are never mixed."""
         from vtvc_pyro.io import sha256_file
 
-        identity = {}
+        identity = dict(self.input_identity)
         for role, path in self.input_files.items():
             stat = path.stat()
             entry: dict[str, int | str] = {"path": str(path), "bytes": stat.st_size}
@@ -132,7 +136,7 @@ def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchma
         splits=_limit(splits, cfg),
         pretrained_path=zoo.pretrained_path,
         finetuned_paths={t: zoo.finetuned_paths[t] for t in tasks},
-        input_files={"zoo.json": zoo.root / "zoo.json"},
+        input_identity={"zoo": zoo.fingerprint()},
     )
 
 
@@ -180,8 +184,8 @@ def _check_file(path: str, key: str) -> Path:
     """A checkpoint file, or a Hugging Face CLIP directory (``save_pretrained`` layout)."""
     resolved = Path(os.path.expanduser(path))
     if not (resolved.is_file() or is_hf_directory(resolved)):
-        raise FileNotFoundError(f"{key}: checkpoint not found (a file or a Hugging Face CLIP directory): "
-                                f"{resolved}")
+        raise FileNotFoundError(f"{key}: file not found: {resolved} (a checkpoint file or a Hugging Face "
+                                "CLIP directory)")
     return resolved
 
 

@@ -154,8 +154,9 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
                   "processes": distributed.world_size()}
     run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force) if main else None
     distributed.barrier()
-    run = run or RunDirectory(root)  # the other ranks read it; their writes are discarded (vtvc_pyro.io)
-    with _logger(run.log_path, console, quiet, main) as log, _threads(cfg.threads):
+    if run is None:  # another rank reads the run directory; its writes are discarded (vtvc_pyro.io)
+        run = RunDirectory(root)
+    with run, _logger(run.log_path, console, quiet, main) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log).place(runtime.device, cfg.bank_dtype)
         log(f"computing on {runtime.device} in {cfg.precision}" + (
