@@ -290,7 +290,8 @@ def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) 
         fit = _fit(ctx, problem, model, guide, bayesian=True)
 
     with ctx.timer("eval"):
-        post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device)
+        post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                         loader=ctx.runtime.loader)
         test, test_features = problem.joined("test"), ctx.features(problem, "test")
         samples = ctx.cfg.eval.mc_samples
         if samples:
