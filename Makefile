@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup run test test-slow lint bench clean
+.PHONY: setup run test test-slow real-smoke lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,18 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+real-smoke: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_real_user.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/compose.py
+
+gpu-check: $(STAMP)
+	PY=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

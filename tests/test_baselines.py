@@ -10,8 +10,9 @@ from pyro.infer import Trace_ELBO
 from torch.testing import assert_close
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
+from vtvc_pyro.data import collate_items
 from vtvc_pyro.inference import SVIConfig, fit_svi
-from vtvc_pyro.model import Batch, collate_items
+from vtvc_pyro.model import Batch
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from planted import planted_problem
 from pyro.distributions import constraints
 from torch.testing import assert_close
 
+from vtvc_pyro.data import collate_items
 from vtvc_pyro.guide import AmortizedGuide
-from vtvc_pyro.model import VTVCModel, collate_items
+from vtvc_pyro.model import VTVCModel
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
 
 

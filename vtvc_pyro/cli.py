@@ -61,7 +61,8 @@ def _zoo_build(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from vtvc_pyro.experiment import run_experiment
 
-    run_experiment(args.config, overrides=args.overrides, out=args.out, force=args.force,
+    overrides = [*args.overrides, *([f"--device={args.device}"] if args.device else [])]
+    run_experiment(args.config, overrides=overrides, out=args.out, force=args.force,
                    progress=_progress(args), quiet=args.quiet)
 
 
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="delete a previous run in --out and start over")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (the config's `device`; a run "
+                   "may resume on another device)")
     p.set_defaults(handler=_run)
 
     config = sub.add_parser("config", help="inspect experiment configs").add_subparsers(

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from vtvc_pyro.data import LoaderConfig
+from vtvc_pyro.distributed import join_rows, local_rows
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.io import atomic_write
 
@@ -120,11 +122,14 @@ def evaluate_encoder(
     heads: HeadBank,
     splits: Mapping[str, Dataset],
     batch_size: int = 256,
+    loader: LoaderConfig | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, TaskMetrics]:
     """Score an encoder on each task's split with that task's head.
 
     ``encode(images [N, 3, H, W], task_ids [N]) -> features [N, D]``; ``task_ids`` index
-    ``heads.task_names`` (a merged encoder ignores them, a sample-specific one may use them).
+    ``heads.task_names`` (a merged encoder ignores them, a sample-specific one may use them). Images go to
+    ``device`` (where ``encode`` runs); distributed ranks each score a share and gather.
     """
     results = {}
     for task, dataset in splits.items():
@@ -132,11 +137,15 @@ def evaluate_encoder(
             raise KeyError(f"no head for task {task!r}; heads cover {heads.task_names}")
         task_id = heads.task_names.index(task)
         logits, labels = [], []
-        for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        rows = local_rows(len(dataset))
+        share = dataset if len(rows) == len(dataset) else Subset(dataset, rows)
+        options = (loader or LoaderConfig()).options(device)
+        for images, target in DataLoader(share, batch_size=batch_size, shuffle=False, **options):
             ids = torch.full((len(images),), task_id, dtype=torch.long)
-            logits.append(heads[task](encode(images, ids)).float().cpu())
+            logits.append(heads[task](encode(images.to(device, non_blocking=True), ids)).float().cpu())
             labels.append(torch.as_tensor(target).long())
-        results[task] = metrics_from_logits(torch.cat(logits), torch.cat(labels))
+        n = len(dataset)
+        results[task] = metrics_from_logits(join_rows(torch.cat(logits), n), join_rows(torch.cat(labels), n))
     return results
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vtvc_pyro import distributed
+from vtvc_pyro.data import (
+    LoaderConfig,
+    StepBatchSampler,
+    batch_loader,
+    sequential_batches,
+    step_order,
+)
+from vtvc_pyro.distributed import ShardedBatch
 from vtvc_pyro.io import atomic_path
-from vtvc_pyro.model import Batch, FrozenNetworks, NonFiniteError, collate_items
+from vtvc_pyro.model import Batch, FrozenNetworks, NonFiniteError
 
 ELBOS = ("meanfield", "trace")
 CHECKPOINT_FORMAT = "vtvc-svi-checkpoint/1"
@@ -123,28 +132,31 @@ class FitResult:
 
 @torch.no_grad()
 def pretrained_features(frozen: FrozenNetworks, data: Dataset, *, batch_size: int = 256,
-                        device: torch.device | str = "cpu", cache_path: str | os.PathLike | None = None
-                        ) -> torch.Tensor:
-    """``[N, D]`` features ``normalize(f(x; θ0))`` of every item, computed once. With ``cache_path`` they are
-    read from / written to a safetensors file; a cache whose first items no longer match is rebuilt."""
+                        device: torch.device | str = "cpu", cache_path: str | os.PathLike | None = None,
+                        loader: LoaderConfig | None = None) -> torch.Tensor:
+    """``[N, D]`` features ``normalize(f(x; θ0))`` of every item, computed once (on CPU). With ``cache_path``
+    they are read from / written to a safetensors file; a cache whose first items no longer match is rebuilt.
+    Across distributed ranks each encodes a contiguous share and all receive the whole; rank 0 writes."""
     num_data = len(data)
     if num_data == 0:
         raise ValueError("the dataset is empty")
 
-    def compute(stop: int) -> torch.Tensor:
-        chunks = (collate_items(data, torch.arange(i, min(i + batch_size, stop)))[0]
-                  for i in range(0, stop, batch_size))
-        return torch.cat([frozen.features0(images.to(device)).cpu() for images in chunks])
+    def compute(start: int, stop: int) -> torch.Tensor:
+        batches = batch_loader(data, sequential_batches(start, stop, batch_size), loader, device)
+        return torch.cat([frozen.features0(images.to(device, non_blocking=True)).cpu()
+                          for _, images, _, _ in batches])
 
     if cache_path is not None and Path(cache_path).is_file():
         cached = load_file(str(cache_path))["features0"]
         probe = min(8, num_data)
-        if cached.shape[0] == num_data and torch.allclose(cached[:probe], compute(probe), atol=1e-5):
+        if cached.shape[0] == num_data and torch.allclose(cached[:probe], compute(0, probe), atol=1e-5):
             return cached
-    features = compute(num_data)
-    if cache_path is not None:
+    rows = distributed.local_rows(num_data)
+    features = distributed.join_rows(compute(rows.start, rows.stop), num_data)
+    if cache_path is not None and distributed.is_main():
         with atomic_path(cache_path) as tmp:
             save_file({"features0": features.contiguous()}, str(tmp))
+    distributed.barrier()
     return features
 
 
@@ -152,18 +164,6 @@ def make_elbo(config: SVIConfig) -> Trace_ELBO:
     """``TraceMeanField_ELBO`` (analytic KL where registered) or ``Trace_ELBO`` (Monte Carlo)."""
     cls = TraceMeanField_ELBO if config.elbo == "meanfield" else Trace_ELBO
     return cls(num_particles=config.num_particles, max_plate_nesting=3)
-
-
-def _batch_positions(step: int, num_data: int, config: SVIConfig) -> tuple[torch.Tensor, dict[str, int]]:
-    """The dataset positions of ``step`` (1-based): epochs of a seeded permutation, so the data order is a
-    function of (seed, step) and a resumed run sees the same batches."""
-    per_epoch = math.ceil(num_data / config.batch_size)
-    epoch, position = divmod(step - 1, per_epoch)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    order = torch.randperm(num_data, generator=generator)
-    start = position * config.batch_size
-    return order[start:start + config.batch_size], {"epoch": epoch, "position": position,
-                                                     "batches_per_epoch": per_epoch, "num_data": num_data}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -183,8 +183,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])  # a run resumed on another machine draws afresh there
 
 
 def _named_params() -> dict[str, torch.Tensor]:
@@ -250,6 +250,7 @@ def _step(svi: SVI, batch: Batch, kl_scale: float) -> float:
     """``SVI.step`` that checks the loss and gradients before it updates anything."""
     with poutine.trace(param_only=True) as capture:
         loss = svi.loss_and_grads(svi.model, svi.guide, batch, kl_scale=kl_scale)
+    distributed.all_reduce_grads(p for _, p in sorted(_named_params().items()))
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     if not math.isfinite(loss):
         raise NonFiniteError(f"the ELBO is {loss} although every sample site was finite")
@@ -281,33 +282,52 @@ def _guarded_step(svi: SVI, batch: Batch, kl_scale: float, step: int) -> float:
 
 def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig | None = None, *,
             features0: torch.Tensor | None = None, checkpoint_path: str | os.PathLike | None = None,
-            resume: bool = True, callback: Callable[[StepInfo], None] | None = None) -> FitResult:
+            resume: bool = True, callback: Callable[[StepInfo], None] | None = None,
+            loader: LoaderConfig | None = None) -> FitResult:
     """Fit ``guide`` (and any parameters of ``model``) by SVI on ``data`` (items ``(index, image, label,
-    task_id)``). ``model.frozen`` provides the pre-trained features. With ``checkpoint_path`` and ``resume``,
-    an existing checkpoint is continued exactly; ``callback`` runs after every step."""
+    task_id)``) on ``config.device``. ``model.frozen`` provides the pre-trained features. With
+    ``checkpoint_path`` and ``resume``, an existing checkpoint is continued exactly; ``callback`` runs after
+    every step (on every rank). Images are loaded by a ``DataLoader`` (``loader``); in a distributed run
+    (:mod:`vtvc_pyro.distributed`) each rank loads and encodes its rows of every batch and rank 0 alone
+    writes the checkpoint."""
     config = config or SVIConfig()
     started = time.perf_counter()
+    device = torch.device(config.device)
+    for module in (model, guide):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
     num_data = len(data)
     if features0 is None:
         features0 = pretrained_features(model.frozen, data, batch_size=config.feature_batch_size,
-                                        device=config.device)
+                                        device=device, loader=loader)
     if features0.shape[0] != num_data:
         raise ValueError(f"features0 has {features0.shape[0]} rows for a dataset of {num_data}")
     lrd = config.lr_decay ** (1.0 / config.steps)
     optim = pyro.optim.ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm, "lrd": lrd})
     svi = SVI(model, guide, optim, make_elbo(config))
     state = None
-    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file() and distributed.is_main():
         state = load_checkpoint(checkpoint_path)
+    state = distributed.broadcast_object(state)  # every rank resumes from rank 0's checkpoint, or none does
+    if state is not None:
         _check_resumable(state, config, num_data, checkpoint_path)
+    sharded = distributed.active()
 
-    def batch_at(step: int) -> tuple[Batch, dict[str, int]]:
-        positions, order = _batch_positions(step, num_data, config)
-        return Batch.collate(data, positions, features0, config.device), order
+    def batches(start: int, stop: int) -> Iterator[Batch]:
+        """The batches of steps ``start + 1 … stop`` (this rank's images of each)."""
+        sampler = StepBatchSampler(num_data, config.batch_size, config.seed, start, stop,
+                                   distributed.rank(), distributed.world_size())
+        for positions, images, labels, task in batch_loader(data, sampler, loader, device):
+            if sharded:  # every rank needs the whole batch's positions, labels and tasks
+                rows = distributed.gather_rows(torch.stack([positions, labels, task], 1))
+                positions, labels, task = rows.t()
+            yield (ShardedBatch if sharded else Batch)(
+                positions.to(device), images.to(device, non_blocking=True), features0[positions].to(device),
+                labels.to(device), task.to(device), num_data)
 
-    with pyro.get_param_store().scope():
+    with distributed.split_encoder(model), pyro.get_param_store().scope():
         with torch.no_grad(), poutine.trace(param_only=True):  # register the parameters in this scope
-            first = batch_at(1)[0]
+            first = next(batches(0, 1))
             guide(first, kl_scale=1.0)
             model(first, kl_scale=1.0)
         if state is None:
@@ -318,16 +338,20 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
             _load_params(state["params"], checkpoint_path)
             optim.set_state(state["optimizer"])
             _set_rng_state(state["rng"])
-        with tqdm(total=config.steps, initial=start, desc="svi", disable=not config.progress,
-                  leave=False) as bar:
-            for step in range(start + 1, config.steps + 1):
-                batch, order = batch_at(step)
+        distributed.broadcast_params(p for _, p in sorted(_named_params().items()))
+        with tqdm(total=config.steps, initial=start, desc="svi", leave=False,
+                  disable=not config.progress or not distributed.is_main()) as bar:
+            for step, batch in enumerate(batches(start, config.steps), start + 1):
                 kl_scale = config.kl_scale(step)
                 loss = _guarded_step(svi, batch, kl_scale, step) / num_data
                 losses.append(loss)
                 every = config.checkpoint_every
                 if checkpoint_path is not None and (step == config.steps or (every and step % every == 0)):
-                    save_checkpoint(checkpoint_path, _checkpoint_state(step, config, optim, order, losses))
+                    if distributed.is_main():
+                        order = step_order(step, num_data, config.batch_size)
+                        snapshot = _checkpoint_state(step, config, optim, order, losses)
+                        save_checkpoint(checkpoint_path, snapshot)
+                    distributed.barrier()
                 bar.update(1)
                 bar.set_postfix(elbo_per_datum=f"{-loss:.4f}")
                 if callback is not None:

@@ -2,7 +2,8 @@
 
 Files get the permissions any other tool would give them (``0666`` less the umask), and a failed write
 (disk full, read-only directory, a directory where a file should go) raises :class:`WriteError`, one
-line naming the path, instead of a low-level traceback.
+line naming the path, instead of a low-level traceback. In a distributed run (torchrun) rank 0 alone
+writes: the other ranks' atomic writes are discarded.
 """
 
 from __future__ import annotations
@@ -90,11 +91,21 @@ def _temporary(path: Path, suffix: str) -> Iterator[str]:
 
 def _replace(tmp: str, path: Path) -> None:
     """fsync ``tmp``, give it the umask's permissions (temporary files are created 0600, and some writers
-    replace the file), and rename it over ``path``."""
+    replace the file), and rename it over ``path``; on a distributed rank other than 0, remove it."""
+    if not writes_files():
+        os.unlink(tmp)
+        return
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.chmod(tmp, permissions())
     os.replace(tmp, path)
+
+
+def writes_files() -> bool:
+    """Whether this process's atomic writes land: a single process, or rank 0 of a distributed run."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
-from torch.utils.data import Dataset
 
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.priors import PriorSpec, as_prior
@@ -68,26 +67,6 @@ class Batch:
             raise ValueError(f"Batch.features0 must be [n, D], got shape {tuple(self.features0.shape)}")
         if not 0 < n <= self.num_data:
             raise ValueError(f"Batch of {n} samples from num_data={self.num_data}")
-
-    @classmethod
-    def collate(cls, data: Dataset, positions: torch.Tensor, features0: torch.Tensor,
-                device: torch.device | str = "cpu") -> Batch:
-        """The batch of ``data`` items at ``positions`` (the positions, not the items' own index, are the
-        subsample); ``features0`` holds every item's pre-trained features."""
-        images, labels, task = collate_items(data, positions)
-        return cls(positions.to(device), images.to(device), features0[positions].to(device),
-                   labels.to(device), task.to(device), len(data))
-
-
-def collate_items(data: Dataset, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked ``(images, labels, task ids)`` of the items ``(index, image, label, task_id)`` at
-    ``positions``, as :class:`~vtvc_pyro.data.MultiTaskDataset` yields them."""
-    items = [data[i] for i in positions.tolist()]
-    if any(len(item) != 4 for item in items):
-        raise ValueError("dataset items must be (index, image, label, task_id) tuples")
-    images = torch.stack([torch.as_tensor(item[1]) for item in items])
-    labels = torch.tensor([int(item[2]) for item in items])
-    return images, labels, torch.tensor([int(item[3]) for item in items])
 
 
 class FrozenNetworks:

@@ -15,6 +15,7 @@ import torch
 from pyro.infer import Predictive
 from torch.utils.data import Dataset
 
+from vtvc_pyro.data import LoaderConfig, batch_loader, sequential_batches
 from vtvc_pyro.evaluate import Predict, entropy
 from vtvc_pyro.guide import GateSlabGuide
 from vtvc_pyro.inference import pretrained_features
@@ -41,9 +42,9 @@ class Posterior:
     modules hold."""
 
     def __init__(self, model: VTVCModel, guide: GateSlabGuide, *, batch_size: int = 256,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", loader: LoaderConfig | None = None):
         self.model, self.guide = model, guide
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.loader = batch_size, device, loader
 
     @property
     def frozen(self) -> FrozenNetworks:
@@ -51,15 +52,18 @@ class Posterior:
 
     def _features0(self, data: Dataset, features0: torch.Tensor | None) -> torch.Tensor:
         if features0 is None:
-            return pretrained_features(self.frozen, data, batch_size=self.batch_size, device=self.device)
+            return pretrained_features(self.frozen, data, batch_size=self.batch_size, device=self.device,
+                                       loader=self.loader)
         if features0.shape[0] != len(data):
             raise ValueError(f"features0 has {features0.shape[0]} rows for a dataset of {len(data)}")
         return features0
 
     def _batches(self, data: Dataset, features0: torch.Tensor) -> Iterator[Batch]:
-        for start in range(0, len(data), self.batch_size):
-            positions = torch.arange(start, min(start + self.batch_size, len(data)))
-            yield Batch.collate(data, positions, features0, self.device)
+        device = self.device
+        batches = batch_loader(data, sequential_batches(0, len(data), self.batch_size), self.loader, device)
+        for positions, images, labels, task in batches:
+            yield Batch(positions.to(device), images.to(device, non_blocking=True),
+                        features0[positions].to(device), labels.to(device), task.to(device), len(data))
 
     def _draws(self, batch: Batch, num_samples: int) -> dict[str, torch.Tensor]:
         """``num_samples`` draws of ``pyro.infer.Predictive(model, guide)`` for a batch: ``gate``, ``slab``,

@@ -40,20 +40,33 @@ class Benchmark:
     """The files whose content the results depend on, by role (see :meth:`fingerprint`)."""
     input_identity: dict[str, Any] = field(default_factory=dict)
     """Identities computed from contents by the source itself (an embedded zoo's content fingerprint)."""
+    bank_dtype: str = "float32"
+    """Storage dtype of the task vectors."""
+    device: torch.device = torch.device("cpu")
+    """Where θ0 (``model``) and the banks live (:meth:`place`)."""
     _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
 
     @property
     def visual(self) -> nn.Module:
         return self.model.visual
 
+    def place(self, device: torch.device, bank_dtype: str = "float32") -> Benchmark:
+        """Move θ0 to ``device``; banks are built there with ``bank_dtype`` storage."""
+        self.model.to(device)
+        self.device, self.bank_dtype = device, bank_dtype
+        self._banks.clear()
+        return self
+
     def bank(self, blocks: str | Sequence[str] = "tensor") -> TaskVectorBank:
-        """The task vectors of every task with the ``blocks`` partition (built once per partition)."""
+        """The task vectors of every task with the ``blocks`` partition (built once per partition, on
+        :attr:`device` with :attr:`bank_dtype` storage)."""
         key = blocks if isinstance(blocks, str) else "\n".join(blocks)
         if key not in self._banks:
             self._banks[key] = TaskVectorBank.from_checkpoints(
                 self.pretrained_path, self.finetuned_paths,
-                blocks=blocks if isinstance(blocks, str) else list(blocks), trust_pickle=self.trust_pickle,
-            )
+                blocks=blocks if isinstance(blocks, str) else list(blocks), dtype=self.bank_dtype,
+                trust_pickle=self.trust_pickle,
+            ).to(self.device)
         return self._banks[key]
 
     def fingerprint(self) -> dict[str, Any]:

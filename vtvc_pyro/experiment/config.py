@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from vtvc_pyro.data import LoaderConfig
 from vtvc_pyro.evaluate import ALPHA_GRID, ECE_BINS
 from vtvc_pyro.guide import GuideConfig
 from vtvc_pyro.inference import SVIConfig
@@ -56,7 +57,8 @@ VARIANT_SECTIONS = (
 )
 """The only keys a variant's ``set:`` may touch: the ones that change how a method is fitted."""
 
-RUN_LEVEL_SVI = {"seed": "seed", "feature_batch_size": "eval.batch_size", "progress": "--quiet"}
+RUN_LEVEL_SVI = {"seed": "seed", "feature_batch_size": "eval.batch_size", "progress": "--quiet",
+                 "device": "device"}
 """``SVIConfig`` fields a run sets itself, and where a user sets them instead."""
 
 KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_0-9][A-Za-z0-9_\-]*)*$")
@@ -266,6 +268,17 @@ class EvalSettings(_Section):
     ece_bins: PositiveInt = ECE_BINS
 
 
+class LoaderSettings(_Section):
+    """How passes over images load them (``torch.utils.data.DataLoader``): worker processes, and pinned
+    memory (null: when the run computes on CUDA). They change speed, not results."""
+
+    num_workers: Annotated[int, Field(ge=0, strict=True)] = 0
+    pin_memory: bool | None = None
+
+    def loader_config(self) -> LoaderConfig:
+        return LoaderConfig(num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+
 class VariantConfig(_Section):
     """A named variant of a built-in method: ``set`` maps dotted keys to values (e.g. ``prior.pi: 0.1``)."""
 
@@ -280,6 +293,14 @@ class ExperimentConfig(_Section):
     seed: Annotated[int, Field(ge=0, strict=True)] = 0
     threads: PositiveInt | None = None
     """torch intra-op threads for the run (null: torch's default). Tiny ViTs run fastest on 1."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its local GPU."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision of the ViT forward and backward passes (autocast); guide, heads, ELBO and merges
+    stay float32."""
+    bank_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the task vectors (merges accumulate in float32)."""
+    loader: LoaderSettings = LoaderSettings()
     zoo: ZooConfig = ZooConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     blocks: str | tuple[str, ...] = "tensor"
@@ -291,6 +312,13 @@ class ExperimentConfig(_Section):
     svi: SVIConfig = _SVI
     baselines: BaselineSettings = BaselineSettings()
     eval: EvalSettings = EvalSettings()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
 
     @field_validator("svi", mode="before")
     @classmethod
@@ -340,10 +368,11 @@ class ExperimentConfig(_Section):
             raise ValueError("guide.gating: a relaxed spike (prior.temperature) needs a stochastic gating")
         return self
 
-    def svi_config(self, *, progress: bool = True) -> SVIConfig:
-        """The SVI engine's settings for this run (the run-level seed and feature batch size filled in)."""
+    def svi_config(self, *, progress: bool = True, device: str = "cpu") -> SVIConfig:
+        """The SVI engine's settings for this run (the run-level seed, feature batch size and the resolved
+        device filled in)."""
         return dataclasses.replace(self.svi, seed=self.seed, feature_batch_size=self.eval.batch_size,
-                                   progress=progress)
+                                   progress=progress, device=str(device))
 
 
 # ---------------------------------------------------------------- errors, loading, variants
@@ -469,9 +498,16 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
+RUN_FREE = ("device", "loader")
+"""Keys that change where and how fast a run computes, not what: a run may resume with others (a run
+started on a GPU continues on a CPU)."""
+
+
 def digest(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config: two runs are the same run iff their digests agree."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the resolved config but :data:`RUN_FREE`: two runs are the same run iff their digests
+    agree."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in RUN_FREE}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

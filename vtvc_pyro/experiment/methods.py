@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
-from vtvc_pyro.compose import ComposedEncoder
 from vtvc_pyro.data import MultiTaskDataset
 from vtvc_pyro.evaluate import Predict, TaskMetrics, evaluate_encoder, select_alpha
 from vtvc_pyro.experiment.negation import forgetting, inclusion_by_input, negated_task_arithmetic
@@ -86,15 +85,17 @@ def _scores(ctx: Context, problem: Problem, predict: Predict, splits: Mapping[st
             ) -> Scores:
     """Scores of ``predict`` on the problem's test splits (or on ``splits``)."""
     data = problem.joined("test") if splits is None else MultiTaskDataset(splits, problem.tasks)
-    probs, labels, task = predict_dataset(predict, data, ctx.cfg.eval.batch_size)
+    probs, labels, task = predict_dataset(predict, data, ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                                          loader=ctx.runtime.loader)
     return scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
 
 
 def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks: list[str] | None = None
                  ) -> dict[str, TaskMetrics]:
     splits = {t: problem.val[t] for t in (tasks or problem.tasks)}
-    return evaluate_encoder(lambda images, _ids: encoder(images), problem.heads, splits,
-                            ctx.cfg.eval.batch_size)
+    plain = ctx.runtime.plain(encoder)
+    return evaluate_encoder(lambda images, _ids: plain(images), problem.heads, splits,
+                            ctx.cfg.eval.batch_size, ctx.runtime.loader, ctx.runtime.device)
 
 
 def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool
@@ -102,7 +103,7 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
     """SVI on the problem's fit data, continuing from the method's checkpoint if a previous run left one. The
     deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO (no latents).
     A negation problem fits with the forgetting likelihood."""
-    config = ctx.cfg.svi_config(progress=ctx.progress)
+    config = ctx.cfg.svi_config(progress=ctx.progress, device=ctx.runtime.device)
     if problem.forget is not None:
         model = forgetting(model, problem)
     if not bayesian:
@@ -110,6 +111,7 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
         config = dataclasses.replace(config, steps=b.steps, lr=b.lr, batch_size=b.batch_size, elbo="trace",
                                      num_particles=1, kl_weight=1.0, kl_anneal_steps=0)
     fit = fit_svi(model, guide, problem.joined("fit"), config, features0=ctx.features(problem, "fit"),
+                  loader=ctx.runtime.loader,
                   checkpoint_path=ctx.checkpoint_path(problem))
     if fit.start_step:
         ctx.log(f"{ctx.name}/{problem.name}: resumed SVI from its checkpoint at step {fit.start_step}")
@@ -161,7 +163,7 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
         chosen = select_alpha(at, {t: reference.val_accuracy[t] for t in usable}, ctx.cfg.protocol.alpha_grid)
         work.load_state_dict(merge(chosen.alpha))
     with ctx.timer("eval"):
-        scores = _scores(ctx, problem, encoder_predictor(work, problem.heads))
+        scores = _scores(ctx, problem, encoder_predictor(ctx.runtime.plain(work), problem.heads))
     details = {"alpha": chosen.alpha, "val_score": chosen.score,
                "val_scores": {f"{a:g}": s for a, s in chosen.scores.items()}}
     return Outcome(scores, details=details)
@@ -174,7 +176,8 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
 def zeroshot(ctx: Context, problem: Problem) -> Outcome:
     """The pre-trained encoder θ0."""
     with ctx.timer("eval"):
-        return Outcome(_scores(ctx, problem, encoder_predictor(ctx.bench.visual, problem.heads)))
+        predict = encoder_predictor(ctx.runtime.plain(ctx.bench.visual), problem.heads)
+        return Outcome(_scores(ctx, problem, predict))
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def finetuned(ctx: Context, problem: Problem) -> Outcome:
         for task in problem.tasks:
             work.load_state_dict(ctx.bench.finetuned_state_dict(task))
             val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
-            predict = encoder_predictor(work, problem.heads)
+            predict = encoder_predictor(ctx.runtime.plain(work), problem.heads)
             parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
     return Outcome(Scores.concat(parts), details={"val_accuracy": val_accuracy},
                    product=FinetunedReference(val_accuracy))
@@ -239,7 +242,8 @@ def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -
         fit = _fit(ctx, problem, model, empty_guide, bayesian=False)
     with ctx.timer("eval"):
         scores = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
-        stats = CoefficientStats().add(model.point_coef(ctx.features(problem, "test")))
+        test_features = ctx.features(problem, "test").to(ctx.runtime.device)
+        stats = CoefficientStats().add(model.point_coef(test_features))
     with ctx.timer("save"):
         _save_fit(ctx, problem, model, fit, {"method": ctx.name})
     return Outcome(scores, stats, _fit_details(fit))
@@ -250,7 +254,7 @@ def atlas(ctx: Context, problem: Problem) -> Outcome:
     """aTLAS: task-level λ ∈ R^{T×B}, initialised at 0, learned by cross-entropy on the fit data."""
     with ctx.timer("fit"):
         bank = problem.bank
-        model = ATLASModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads, bank.task_names,
+        model = ATLASModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, bank.task_names,
                            bank.block_names)
     return _learned(ctx, problem, model)
 
@@ -260,7 +264,7 @@ def metanet(ctx: Context, problem: Problem) -> Outcome:
     """The deterministic meta-network: the guide's g_φ outputs λ_n directly, cross-entropy only."""
     with ctx.timer("fit"):
         bank = problem.bank
-        model = MetaNetModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads,
+        model = MetaNetModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads,
                              ctx.features(problem, "fit").shape[1], bank.task_names, bank.block_names,
                              hidden_dim=ctx.cfg.guide.hidden_dim, init_coef=ctx.cfg.guide.init_loc)
     return _learned(ctx, problem, model)
@@ -285,21 +289,23 @@ def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) 
     """Fit the VTVC guide by SVI, score its gated (or Monte Carlo) prediction, save the posterior."""
     bank = problem.bank
     with ctx.timer("fit"):
-        model = VTVCModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
+        model = VTVCModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
                           bank.block_names)
         guide = build_guide(ctx.cfg.guide, ctx.features(problem, "fit").shape[1], bank.task_names,
                             bank.block_names, prior, gating=gating)
         fit = _fit(ctx, problem, model, guide, bayesian=True)
 
     with ctx.timer("eval"):
-        post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size)
+        post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                         loader=ctx.runtime.loader)
         test, test_features = problem.joined("test"), ctx.features(problem, "test")
         samples = ctx.cfg.eval.mc_samples
         if samples:
             pred = post.predictive(test, samples, test_features)
             probs, labels, task = pred["probs"].double(), pred["labels"], pred["task"]
         else:
-            probs, labels, task = predict_dataset(post.predict, test, ctx.cfg.eval.batch_size)
+            probs, labels, task = predict_dataset(post.predict, test, ctx.cfg.eval.batch_size,
+                                                  device=ctx.runtime.device, loader=ctx.runtime.loader)
         scores = scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
         summary = post.summarize(test, test_features)
         stats = CoefficientStats().add(summary["coef"])
@@ -360,6 +366,6 @@ def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
         with ctx.timer("fit"):
             work.load_state_dict(problem.bank.merge(task_coef[task]))
         with ctx.timer("eval"):
-            predict = encoder_predictor(work, problem.heads)
+            predict = encoder_predictor(ctx.runtime.plain(work), problem.heads)
             parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
     return Outcome(Scores.concat(parts), stats)

@@ -21,13 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from vtvc_pyro.data import MultiTaskDataset
+from vtvc_pyro import distributed
+from vtvc_pyro.compose import ComposedEncoder
+from vtvc_pyro.data import LoaderConfig, MultiTaskDataset, batch_loader, sequential_batches
+from vtvc_pyro.device import AutocastEncoder, compute_dtype
 from vtvc_pyro.experiment.benchmark import Benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.experiment.rundir import RunDirectory
 from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
 from vtvc_pyro.heads import HeadBank
-from vtvc_pyro.model import collate_items
+from vtvc_pyro.model import Encoder
 from vtvc_pyro.task_vectors import TaskVectorBank
 
 
@@ -89,11 +92,31 @@ def _negation_problem(target: str, bank: TaskVectorBank, bench: Benchmark) -> Pr
                    dict(val), val, {t: bench.splits["test"][t] for t in tasks}, forget=target)
 
 
-class FeatureCache:
-    """``normalize(f(x; θ0))`` of a problem's split, computed once with the plain pre-trained tower."""
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes: the device, the precision of the ViT passes, the DataLoader settings."""
 
-    def __init__(self, visual: nn.Module, batch_size: int):
-        self.visual = visual
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    loader: LoaderConfig = LoaderConfig()
+
+    def plain(self, visual: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``visual(images) -> features`` in the run's precision (float32 features)."""
+        return AutocastEncoder(visual, self.precision, self.device)
+
+    def composed(self, visual: nn.Module, bank: TaskVectorBank) -> Encoder:
+        """The composed encoder of ``bank`` in the run's precision (float32 features)."""
+        encoder = ComposedEncoder(visual, bank, dtype=compute_dtype(self.precision))
+        return encoder if self.precision == "fp32" else AutocastEncoder(encoder, self.precision, self.device)
+
+
+class FeatureCache:
+    """``normalize(f(x; θ0))`` of a problem's split, computed once with the plain pre-trained tower (on CPU;
+    distributed ranks each encode a share)."""
+
+    def __init__(self, visual: nn.Module, batch_size: int, runtime: Runtime | None = None):
+        self.runtime = runtime or Runtime()
+        self.visual = self.runtime.plain(visual)
         self.batch_size = batch_size
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -101,11 +124,13 @@ class FeatureCache:
     def __call__(self, problem: Problem, split: str) -> torch.Tensor:
         key = (problem.name, split)
         if key not in self._cache:
-            data = problem.joined(split)
-            step = self.batch_size
-            chunks = [torch.arange(i, min(i + step, len(data))) for i in range(0, len(data), step)]
-            features = [F.normalize(self.visual(collate_items(data, c)[0]), dim=-1) for c in chunks]
-            self._cache[key] = torch.cat(features)
+            data, device = problem.joined(split), self.runtime.device
+            rows = distributed.local_rows(len(data))
+            batches = batch_loader(data, sequential_batches(rows.start, rows.stop, self.batch_size),
+                                   self.runtime.loader, device)
+            features = [F.normalize(self.visual(images.to(device, non_blocking=True)), dim=-1).cpu()
+                        for _, images, _, _ in batches]
+            self._cache[key] = distributed.join_rows(torch.cat(features), len(data))
         return self._cache[key]
 
 
@@ -153,6 +178,7 @@ class Context:
     timer: Stopwatch = field(default_factory=Stopwatch)
     products: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: bool = True
+    runtime: Runtime = Runtime()
 
     def artifact_dir(self, problem: Problem, method: str | None = None) -> Path:
         """``posteriors/<method>/<problem>/``: fitted parameters and posterior summaries."""

@@ -22,13 +22,23 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
+from vtvc_pyro import distributed
+from vtvc_pyro.device import resolve_device
 from vtvc_pyro.evaluate import reliability_bins
 from vtvc_pyro.experiment import negation, report
 from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
 from vtvc_pyro.experiment.figures import draw_figures
 from vtvc_pyro.experiment.methods import REGISTRY, Method
-from vtvc_pyro.experiment.problem import Context, FeatureCache, Outcome, Problem, Stopwatch, make_problems
+from vtvc_pyro.experiment.problem import (
+    Context,
+    FeatureCache,
+    Outcome,
+    Problem,
+    Runtime,
+    Stopwatch,
+    make_problems,
+)
 from vtvc_pyro.experiment.rundir import RunDirectory
 from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
 from vtvc_pyro.io import write_json
@@ -58,16 +68,18 @@ def _base(cfg: ExperimentConfig, name: str) -> str:
 
 
 @contextlib.contextmanager
-def _logger(path: Path, console: Console, quiet: bool = False) -> Iterator[Callable[[str], None]]:
-    """Log to the console (rich; warnings only when ``quiet``) and append to the run's log file."""
+def _logger(path: Path, console: Console, quiet: bool = False, main: bool = True
+            ) -> Iterator[Callable[[str], None]]:
+    """Log to the console (rich; warnings only when ``quiet``) and append to the run's log file; a
+    distributed rank other than 0 (``main`` false) logs warnings to the console only."""
     logger = logging.getLogger(f"vtvc_pyro.run.{os.fspath(path)}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler = logging.FileHandler(path, encoding="utf-8", delay=not main)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     terminal = RichHandler(console=console, show_path=False, markup=False)
-    terminal.setLevel(logging.WARNING if quiet else logging.INFO)
-    handlers = [file_handler, terminal]
+    terminal.setLevel(logging.WARNING if quiet or not main else logging.INFO)
+    handlers = [file_handler, terminal] if main else [terminal]
     for handler in handlers:
         logger.addHandler(handler)
     try:
@@ -137,16 +149,24 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     console = console or Console()
     cfg = load_config(config_path, overrides)
     check_inputs(cfg)
+    runtime = _runtime(cfg)
+    main = distributed.is_main()
     root = Path(out) if out is not None else Path("runs") / Path(config_path).stem
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
-                  "out": os.fspath(root), "force": force}
-    with RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force) as run, \
-            _logger(run.log_path, console, quiet) as log, _threads(cfg.threads):
+                  "out": os.fspath(root), "force": force, "device": str(runtime.device),
+                  "processes": distributed.world_size()}
+    run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force) if main else None
+    distributed.barrier()
+    if run is None:  # another rank reads the run directory; its writes are discarded (vtvc_pyro.io)
+        run = RunDirectory(root)
+    with run, _logger(run.log_path, console, quiet, main) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
-        bench = load_benchmark(cfg, log)
+        bench = load_benchmark(cfg, log).place(runtime.device, cfg.bank_dtype)
+        log(f"computing on {runtime.device} in {cfg.precision}" + (
+            f", {distributed.world_size()} processes" if distributed.active() else ""))
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
         run.bind_inputs(bench.fingerprint())
-        features = FeatureCache(bench.visual, cfg.eval.batch_size)
+        features = FeatureCache(bench.visual, cfg.eval.batch_size, runtime)
         results: dict[str, dict[str, Any]] = {}
         products: dict[str, dict[str, Any]] = {}
         order = run_order(cfg)
@@ -156,8 +176,9 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             base = _base(cfg, name)
             method = REGISTRY[base]
             settings = variant_config(cfg, name)
-            ctx = Context(name, settings, bench, run, features, log, products=products, progress=progress)
-            if run.is_done(name):
+            ctx = Context(name, settings, bench, run, features, log, products=products, progress=progress,
+                          runtime=runtime)
+            if distributed.broadcast_object(run.is_done(name)):  # rank 0 decides for all
                 results[name] = run.load_result(name)
                 if name in needed:
                     products[name] = {p.name: method.restore(ctx, p, results[name])
@@ -193,9 +214,19 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         plots = draw_figures(run)
         run.mark_complete()
         log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
-    console.print((run.root / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
+    if main:
+        console.print((run.root / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+        console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
     return run.root
+
+
+def _runtime(cfg: ExperimentConfig) -> Runtime:
+    """The device (under torchrun: this process's GPU, after joining the process group), precision and
+    DataLoader settings of a run."""
+    device = resolve_device(cfg.device)
+    if distributed.init_from_env(device) and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return Runtime(device, cfg.precision, cfg.loader.loader_config())
 
 
 def _tables(run: RunDirectory, cfg: ExperimentConfig, results: dict[str, dict[str, Any]], description: str,

@@ -7,8 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from vtvc_pyro import distributed
+from vtvc_pyro.data import LoaderConfig
 from vtvc_pyro.evaluate import Predict, TaskMetrics, metrics_from_probs
 from vtvc_pyro.heads import HeadBank
 
@@ -54,16 +56,20 @@ def scores_from_probs(probs: torch.Tensor, labels: torch.Tensor, task: torch.Ten
 
 
 @torch.no_grad()
-def predict_dataset(predict: Predict, data: Dataset, batch_size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict_dataset(predict: Predict, data: Dataset, batch_size: int, *, device: torch.device | str = "cpu",
+                    loader: LoaderConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities ``[N, C_max]``, labels ``[N]`` and task ids ``[N]`` of a dataset of
-    ``(index, image, label, task_id)`` items (e.g. :class:`~vtvc_pyro.data.MultiTaskDataset`), in order."""
+    ``(index, image, label, task_id)`` items (e.g. :class:`~vtvc_pyro.data.MultiTaskDataset`), in order;
+    images go to ``device``. Distributed ranks each predict a share and gather."""
+    rows, n = distributed.local_rows(len(data)), len(data)
+    share = data if len(rows) == n else Subset(data, rows)
+    options = (loader or LoaderConfig()).options(device)
     probs, labels, tasks = [], [], []
-    for _, images, target, task in DataLoader(data, batch_size=batch_size, shuffle=False):
-        probs.append(predict(images, task.long()).double().cpu())
+    for _, images, target, task in DataLoader(share, batch_size=batch_size, shuffle=False, **options):
+        probs.append(predict(images.to(device, non_blocking=True), task.long()).double().cpu())
         labels.append(target.long())
         tasks.append(task.long())
-    return torch.cat(probs), torch.cat(labels), torch.cat(tasks)
+    return tuple(distributed.join_rows(torch.cat(x), n) for x in (probs, labels, tasks))
 
 
 class CoefficientStats:
