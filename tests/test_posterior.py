@@ -81,7 +81,7 @@ def test_deterministic_prediction_is_the_gated_composition_through_each_samples_
 
 
 def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(problem):
-    model, guide, post = make(problem, gating="stochastic", init_scale=0.3)
+    model, guide, post = make(problem, gating="ungated", init_scale=0.3)
     pyro.set_rng_seed(5)
     pred = post.predictive(problem.data, num_samples=6)
     pyro.set_rng_seed(5)
@@ -109,13 +109,13 @@ def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(
 
 
 def test_a_single_draw_has_no_mutual_information(problem):
-    _, _, post = make(problem, gating="stochastic")
+    _, _, post = make(problem, gating="ungated")
     pred = post.predictive(problem.data, num_samples=1)
     assert_close(pred["mutual_information"], torch.zeros(36), atol=1e-6, rtol=0)
 
 
 def test_inference_data_export(problem):
-    _, guide, post = make(problem, gating="stochastic")
+    _, guide, post = make(problem, gating="ungated")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = post.to_inference_data(problem.data, num_samples=4)
@@ -139,7 +139,7 @@ def test_gaussian_guides_have_inclusion_one_and_no_gate(problem):
 
 def test_read_outs_neither_read_nor_write_the_global_param_store(problem):
     prior = {"kind": "spike_and_slab", "pi_prior": {"a": 2.0, "b": 3.0}}
-    _, guide, post = make(problem, gating="stochastic", prior=prior)
+    _, guide, post = make(problem, gating="ungated", prior=prior)
     # another fit's parameter under the same name: Pyro would otherwise load it into the guide
     pyro.param("pi_alpha", torch.full((3, 2), 50.0), constraint=constraints.positive)
     post.predictive(problem.data, num_samples=2)

@@ -101,7 +101,7 @@ class GuideConfig:
     kind: Literal["amortized", "task_level"] = "amortized"
     hidden_dim: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
     """Width of g_φ's hidden layer; null = feature_dim / 4."""
-    gating: Literal["gated", "stochastic"] = "gated"
+    gating: Literal["gated", "ungated"] = "gated"
     tau0: float = field(default=0.05, metadata=_NON_NEGATIVE)
     beta: float = field(default=1.0, metadata=_NON_NEGATIVE)
     sharpness: float = field(default=20.0, metadata=_POSITIVE)
@@ -242,7 +242,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         message = str(err)
         raise ConfigError(message if message.startswith("prior") else f"prior.{message}") from err
     if prior.relaxed and cfg.guide.gating == "gated":
-        raise ConfigError("guide.gating: a relaxed spike (prior.temperature) needs gating: stochastic")
+        raise ConfigError("guide.gating: a relaxed spike (prior.temperature) needs gating: ungated")
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

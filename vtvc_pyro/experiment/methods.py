@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -29,9 +30,9 @@ from vtvc_pyro.experiment.scoring import (
     predict_dataset,
     scores_from_probs,
 )
-from vtvc_pyro.gating import ImportanceUncertaintyGate
-from vtvc_pyro.guide import AmortizedGuide, GateSlabGuide, TaskLevelGuide
-from vtvc_pyro.inference import FitResult, SVIConfig, fit_svi
+from vtvc_pyro.gating import ImportanceUncertaintyFilter
+from vtvc_pyro.guide import UNGATED, AmortizedGuide, GateSlabGuide, TaskLevelGuide
+from vtvc_pyro.inference import PER_DATUM, STEP_FIELDS, FitResult, SVIConfig, fit_svi
 from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
@@ -83,7 +84,8 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
 
 
 def _fit_details(fit: FitResult) -> dict[str, Any]:
-    return {"steps": fit.steps, "resumed_from_step": fit.start_step, "final_elbo_per_datum": fit.elbo[-1]}
+    final = {f"final_{name}_per_datum": getattr(fit.history[-1], name) for name in PER_DATUM}
+    return {"steps": fit.steps, "resumed_from_step": fit.start_step, **final}
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
@@ -101,8 +103,8 @@ def _save_fit(ctx: Context, problem: Problem, module: torch.nn.Module, fit: FitR
     _save_tensors(out / "fitted.safetensors", module.state_dict(), meta)
     with atomic_write(out / "elbo.csv", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "elbo_per_datum"])
-        writer.writerows((i + 1, value) for i, value in enumerate(fit.elbo))
+        writer.writerow(STEP_FIELDS)
+        writer.writerows(dataclasses.astuple(record) for record in fit.history)
 
 
 def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict]) -> Outcome:
@@ -228,8 +230,8 @@ def _guide(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str
            ) -> GateSlabGuide:
     g = ctx.cfg.guide
     names = (problem.bank.task_names, problem.bank.block_names)
-    rule = ImportanceUncertaintyGate(g.tau0, g.beta, g.sharpness)
-    common = {"prior": prior, "gating": gating, "rule": rule, "temperature": g.temperature,
+    gate_filter = ImportanceUncertaintyFilter(g.tau0, g.beta, g.sharpness)
+    common = {"prior": prior, "gating": gating, "gate_filter": gate_filter, "temperature": g.temperature,
               "init_loc": g.init_loc, "init_scale": g.init_scale, "init_prob": g.init_prob}
     if g.kind == "amortized":
         return AmortizedGuide(feature_dim, *names, hidden_dim=g.hidden_dim, **common)
@@ -289,7 +291,7 @@ def vtvc(ctx: Context, problem: Problem) -> Outcome:
 
 def vtvc_stochastic(ctx: Context, problem: Problem) -> Outcome:
     """The ablation without gating: relaxed gate draws during training."""
-    return _vtvc(ctx, problem, ctx.cfg.prior, "stochastic")
+    return _vtvc(ctx, problem, ctx.cfg.prior, UNGATED)
 
 
 def vtvc_gaussian(ctx: Context, problem: Problem) -> Outcome:
