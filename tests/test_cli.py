@@ -19,7 +19,7 @@ SMOKE = str(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "s
         (["--svi.steps=many"], "error: svi.steps: expected int, got str 'many'"),
         (["--svi.steps"], "error: svi.steps: override '--svi.steps' has no value"),
         (["svi.steps=3"], "error: override 'svi.steps=3': expected --key.sub=value"),
-        (["--guide.gating=sometimes"], "error: guide.gating: must be one of gated, stochastic"),
+        (["--guide.gating=sometimes"], "error: guide.gating: must be one of gated, ungated"),
         (["--methods=[vtvc, lasso]"], "error: methods[1]: unknown method 'lasso'"),
         (["--prior.pi=1.5"], "error: prior.pi: 1.5 is outside (0.0, 1.0)"),
         (["--prior.slab.width=2"], "error: prior.slab.width: unknown field; allowed: loc, scale"),

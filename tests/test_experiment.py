@@ -160,7 +160,8 @@ def test_posterior_files_are_consistent(smoke_run):
     fitted = load_file(str(smoke_run / "posteriors" / "vtvc" / "all" / "fitted.safetensors"))
     assert fitted and all(torch.isfinite(v).all() for v in fitted.values() if v.is_floating_point())
     elbo = (smoke_run / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
-    assert elbo[0] == "step,elbo_per_datum" and len(elbo) == 1 + SMOKE_CFG["svi"]["steps"]
+    assert elbo[0] == "step,kl_scale,lr,tempered_elbo,elbo,expected_log_likelihood,kl"
+    assert len(elbo) == 1 + SMOKE_CFG["svi"]["steps"]
 
 
 def test_rerun_with_the_same_config_recomputes_nothing(smoke_run):
