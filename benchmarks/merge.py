@@ -4,6 +4,7 @@ Times, in one run and on the same data, round after round (interleaved):
   fused      bank.merge(coef): one matrix-vector product per block segment of the flat [T, P] buffer
              (torch path on CPU; the fused Triton kernel on CUDA), into a newly allocated output
   fused-out  the same into a preallocated output (bank.merge(coef, out=buffer)), as the copy below
+  bf16-out   fused-out with the task vectors stored in bfloat16 (read as float32; (2T+8)·P bytes moved)
   naive      the per-tensor formula θ0[k] + Σ_t coef[t, b(k)] · τ_t[k], one tensor and one task at a time,
              as the task-arithmetic codebases apply task vectors (out-of-place arithmetic on state dicts)
   copy       the bandwidth reference: Tensor.copy_ into a preallocated buffer, moving as many bytes as a
@@ -93,6 +94,8 @@ def main() -> None:
     T, P, B = bank.num_tasks, bank.num_params, bank.num_blocks
     coef = torch.rand(T, B, generator=torch.Generator().manual_seed(1)).to(device)
 
+    bf16 = TaskVectorBank(bank.vectors.to(torch.bfloat16), bank.base, bank.entries, bank.block_names,
+                          bank.task_names)
     base = {k: bank.pretrained_tensor(k) for k in bank.param_names}
     taus = [{k: bank.task_vector(k)[t] for k in bank.param_names} for t in range(T)]
     blocks = {k: bank.block_index(k) for k in bank.param_names}
@@ -104,7 +107,9 @@ def main() -> None:
     fused_sd = bank.merge(coef)
     naive_sd = naive()
     error = max((fused_sd[k] - naive_sd[k]).abs().max().item() for k in base)
-    del fused_sd, naive_sd
+    bf16_sd = bf16.merge(coef)
+    bf16_error = max((bf16_sd[k] - naive_sd[k]).abs().max().item() for k in base)
+    del fused_sd, naive_sd, bf16_sd
 
     half = (T + 2) * P // 2
     source = bank.vectors.view(-1)[:half]
@@ -112,10 +117,12 @@ def main() -> None:
     out = torch.empty(P, dtype=torch.float32, device=device)
 
     times = interleaved({"fused": lambda: bank.merge(coef), "fused-out": lambda: bank.merge(coef, out=out),
-                         "naive": naive, "copy": lambda: target.copy_(source)}, args.repeats, device)
+                         "bf16-out": lambda: bf16.merge(coef, out=out), "naive": naive,
+                         "copy": lambda: target.copy_(source)}, args.repeats, device)
     moved = (T + 2) * P * 4
     print(f"{args.model}: T={T}, P={P:,}, B={B} blocks, {device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds; max |fused - naive| = {error:.2e}")
+          f"median of {args.repeats} interleaved rounds; max |fused - naive| = {error:.2e}, "
+          f"bf16 storage {bf16_error:.2e}")
     print(f"{'':10s}{'time (s)':>10s}{'GB/s':>8s}")
     for name, seconds in times.items():
         median = statistics.median(seconds)
@@ -127,6 +134,8 @@ def main() -> None:
     print(f"fused vs naive: {ratio('naive', 'fused'):.1f}x faster")
     print(f"share of copy bandwidth: {ratio('copy', 'fused-out'):.0%} "
           f"(with output allocation: {ratio('copy', 'fused'):.0%})")
+    print(f"bf16 storage: {ratio('fused-out', 'bf16-out'):.2f}x the float32 merge's speed, "
+          f"{ratio('copy', 'bf16-out'):.0%} of the copy's time")
 
 
 if __name__ == "__main__":

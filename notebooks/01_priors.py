@@ -28,7 +28,10 @@ import os
 
 import matplotlib.pyplot as plt
 import torch
+from pyro.infer import Predictive
 
+from vtvc_pyro.heads import ClassificationHead, HeadBank
+from vtvc_pyro.model import Batch, VTVCModel
 from vtvc_pyro.priors import PriorSpec
 
 SMOKE = os.environ.get("VTVC_NOTEBOOK_SMOKE") == "1"  # the test suite runs this notebook quickly
@@ -89,18 +92,28 @@ for ax, key in zip(axes, ("pi", "slab_scale"), strict=True):
 # the relaxed spike puts that mass near zero instead; the hyper-prior makes `π` itself uncertain.
 
 
+# %% [markdown]
+# The draws come from running the Pyro model itself under `pyro.infer.Predictive` (no guide: the prior),
+# on one placeholder image: an encoder and heads that ignore the coefficients stand in for the ViT, since
+# only the latent sites matter here.
+
 # %%
+DIM = 4
+heads = HeadBank({t: ClassificationHead(torch.eye(2, DIM), 1.0, ["a", "b"]) for t in tasks})
+
+
+def encoder(images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    return torch.ones(images.shape[0], DIM)
+
+
+first = torch.zeros(1, dtype=torch.long)
+one_image = Batch(first, torch.zeros(1, 1), torch.ones(1, DIM), None, first, num_data=1)
+
+
 def draw(spec: PriorSpec, n: int) -> torch.Tensor:
-    """``n`` prior draws of the coefficients, ``[n, T, B]``."""
-    params = spec.resolve(tasks, blocks)
-    slab = spec.slab_dist(params).sample((n,))
-    if not spec.has_spike:
-        return slab
-    if spec.hierarchical:  # pi ~ Beta(a, b) first, then the gate given pi
-        gate = spec.gate_dist(params, spec.pi_dist(params).sample((n,))).sample()
-    else:
-        gate = spec.gate_dist(params).sample((n,))
-    return gate * slab
+    """``n`` prior draws of the coefficients, ``[n, T, B]``: the model's ``coef`` site under Predictive."""
+    model = VTVCModel(encoder, heads, spec, tasks, blocks)
+    return Predictive(model, num_samples=n, return_sites=("coef",))(one_image)["coef"][:, 0]
 
 
 draws = {name: draw(spec, NUM_DRAWS) for name, spec in priors.items()}

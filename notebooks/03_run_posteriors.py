@@ -15,13 +15,15 @@
 # ---
 
 # %% [markdown]
-# # Inspecting the posteriors of a run directory
+# # Inspecting the posteriors of a run directory with ArviZ
 #
-# `vtvc run` leaves, per VTVC method, `posteriors/<method>/<problem>/samples.safetensors` (per test image:
-# inclusion probabilities, slab loc and scale, the gate decision and the coefficients, with the prediction's
-# confidence, correctness and entropy), `components.csv` and `task_coef.safetensors`. This notebook reads
-# them: inclusion heatmaps, per-sample coefficients, uncertainty against correctness, and what gating
-# turned off.
+# `vtvc run` leaves, per VTVC method, `posteriors/<method>/<problem>/posterior.nc`: an ArviZ `InferenceData`
+# drawn through `pyro.infer.Predictive` for the test images — `posterior` draws of the sites `gate`, `slab`,
+# `coef` (dims sample × task × block), the `posterior_predictive` labels `obs`, the `observed_data`, the
+# per-draw `log_likelihood` and `sample_stats` (predictive entropy, correctness), and `constant_data` (each
+# image's task, the guide's inclusion / loc / scale and gate decision, the prior's inclusion π). This
+# notebook reads it: ArviZ summaries with credible intervals, a forest plot per task and layer, prior vs
+# posterior inclusion, and where uncertainty flags errors.
 #
 # Set `VTVC_RUN_DIR` to a run directory (default: `../runs/quickstart`, what `make run` writes). In smoke
 # mode (`VTVC_NOTEBOOK_SMOKE=1`) the notebook first runs a tiny experiment on the micro zoo.
@@ -32,12 +34,15 @@ import os
 import tempfile
 from pathlib import Path
 
+import arviz as az
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-import torch
+from sklearn.metrics import roc_auc_score
 
 from vtvc_pyro.experiment import run_experiment
-from vtvc_pyro.experiment.figures import load_samples
+from vtvc_pyro.experiment.figures import load_posterior
+from vtvc_pyro.experiment.plots import by_layer, layer_of
 
 SMOKE = os.environ.get("VTVC_NOTEBOOK_SMOKE") == "1"
 if os.environ.get("VTVC_RUN_DIR"):
@@ -61,78 +66,79 @@ table = pd.read_csv(run_dir / "table.csv", index_col="method")
 table[["mean_accuracy", "mean_normalized_accuracy", "nll", "ece", "sparsity", "active_per_block"]]
 
 # %% [markdown]
-# ## Per-sample posterior of one method
+# ## The posterior of one method
 
 # %%
 problem = "all" if metrics["protocol"] == "task_addition" else metrics["tasks"][0]
-samples, meta = load_samples(run_dir / "posteriors" / METHOD / problem / "samples.safetensors")
-vectors, blocks, data_tasks = meta["task_names"], meta["block_names"], meta["data_tasks"]
-print({k: tuple(v.shape) for k, v in samples.items()})
+idata = load_posterior(run_dir / "posteriors" / METHOD / problem / "posterior.nc")
+vectors = [str(t) for t in idata.posterior["task"].values]
+blocks = [str(b) for b in idata.posterior["block"].values]
+layers = list(dict.fromkeys(layer_of(b) for b in blocks))
+print(idata)
 
 # %% [markdown]
-# ### Inclusion probabilities, tasks × blocks
+# ### ArviZ summary with 90 % credible intervals
 #
-# Left: the posterior inclusion probability `sigmoid(ℓ)`, averaged over test images. Right: how often the
-# gating rule kept each component (it also drops components whose coefficient is small against its
-# uncertainty).
+# `coef = gate · slab` per test image, task vector and block. Averaged over a task's images and over the
+# blocks of each layer it stays readable for a real ViT's ~150 blocks.
 
 # %%
-fig, axes = plt.subplots(2, 1, figsize=(12, 1.2 + 0.9 * len(vectors)), layout="constrained")
-for ax, key, title in ((axes[0], "inclusion", "mean inclusion probability"),
-                       (axes[1], "gate", "share of test images whose gate keeps the component")):
-    image = ax.imshow(samples[key].mean(0).numpy(), aspect="auto", vmin=0, vmax=1)
-    ax.set_yticks(range(len(vectors)), vectors)
+per_layer, _ = by_layer(idata.posterior["coef"].values, blocks)  # [chain, draw, sample, task, layer]
+data_task = np.asarray(idata.constant_data["data_task"].values).astype(str)
+image_tasks = list(dict.fromkeys(data_task))
+by_task = np.stack([per_layer[:, :, data_task == t].mean(2) for t in image_tasks], axis=2)
+layered = az.from_dict(posterior={"coef": by_task},
+                       coords={"image_task": image_tasks, "vector": vectors, "layer": layers},
+                       dims={"coef": ["image_task", "vector", "layer"]})
+summary = az.summary(layered, kind="stats", hdi_prob=0.9)
+summary.head(12)
+
+# %% [markdown]
+# ### Forest plot: the coefficient of each task vector per layer, on the images of each task
+
+# %%
+height = 0.25 * len(vectors) * len(layers) + 1
+axes = az.plot_forest(layered, var_names=["coef"], combined=True, hdi_prob=0.9,
+                      coords={"image_task": image_tasks[0]}, figsize=(6, height))
+axes[0].set_title(f"coef on {image_tasks[0]} images: median and 90 % HDI")
+
+# %% [markdown]
+# ### Prior vs posterior inclusion, task vector × layer
+#
+# Left: the prior's inclusion probability π. Right: the guide's inclusion probability `sigmoid(ℓ)`, averaged
+# over test images and the blocks of a layer. Where the data pull a component in or out, the two differ.
+
+# %%
+prior, _ = by_layer(idata.constant_data["prior_inclusion"].values, blocks)
+posterior, _ = by_layer(idata.constant_data["inclusion"].values.mean(0), blocks)
+fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.6 * len(vectors)), sharey=True, layout="constrained")
+for ax, values, title in ((axes[0], prior, "prior π"), (axes[1], posterior, "posterior mean sigmoid(ℓ)")):
+    image = ax.imshow(values, aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.02)
-axes[1].set_xlabel("block")
-
-# %% [markdown]
-# ### Per-sample coefficients
-#
-# Each test image gets its own coefficients. The block-averaged coefficient of every task vector, split by
-# the image's own task: a sample-specific composition leans on the task vector of the image's task.
-
-# %%
-per_vector = samples["coef"].mean(-1)  # [N, T]
-fig, axes = plt.subplots(1, len(vectors), figsize=(3.2 * len(vectors), 2.8), sharey=True, squeeze=False,
-                         layout="constrained")
-for t, ax in enumerate(axes[0]):
-    for k, task in enumerate(data_tasks):
-        values = per_vector[samples["task"] == k, t].numpy()
-        ax.hist(values, bins=30, alpha=0.5, label=task)
-    ax.set_title(f"task vector {vectors[t]}", fontsize=9)
-    ax.set_xlabel("mean coefficient")
-axes[0, 0].legend(fontsize=7)
-frame = pd.DataFrame(per_vector.numpy(), columns=vectors)
-frame["samples of task"] = [data_tasks[k] for k in samples["task"].tolist()]
-frame.groupby("samples of task").mean().round(3)  # rows: the images' task; columns: task vectors
+axes[0].set_yticks(range(len(vectors)), vectors)
+fig.colorbar(image, ax=axes, fraction=0.02)
 
 # %% [markdown]
 # ### Uncertainty against correctness
 #
-# A useful uncertainty is higher on the images the model gets wrong. The AUROC of the predictive entropy
-# for telling errors from correct predictions is 0.5 for an uninformative uncertainty and 1 for a perfect
-# one (computed here from ranks: the Mann–Whitney statistic).
+# A useful uncertainty is higher on the images the model gets wrong. The AUROC (scikit-learn) of each
+# uncertainty for telling errors from correct predictions is 0.5 when uninformative and 1 when perfect:
+# the predictive entropy, the mutual information (the epistemic part, from the spread of the draws) and the
+# guide's mean slab scale.
 
 # %%
-correct = samples["correct"].bool()
-entropy = samples["entropy"]
-coef_scale = samples["scale"].mean((1, 2))  # the posterior's own uncertainty about the coefficients
-
-
-def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
-    ranks = score.argsort().argsort().double() + 1
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
-
-
-print(f"accuracy {correct.double().mean():.3f}; AUROC(entropy → error) {auroc(entropy, ~correct):.3f}; "
-      f"AUROC(mean slab scale → error) {auroc(coef_scale, ~correct):.3f}")
+correct = idata.sample_stats["correct"].values.mean((0, 1)) >= 0.5  # the majority of the draws is right
+scores = {"predictive entropy": idata.constant_data["entropy"].values,
+          "mutual information": idata.constant_data["mutual_information"].values,
+          "mean slab scale": idata.constant_data["scale"].values.mean((1, 2))}
+if correct.all() or not correct.any():
+    print("only one class of outcome: AUROC undefined")
+else:
+    print({name: round(roc_auc_score(~correct, value), 3) for name, value in scores.items()})
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.hist([entropy[correct].numpy(), entropy[~correct].numpy()], bins=20, label=["correct", "wrong"],
-        density=True)
+entropy = scores["predictive entropy"]
+ax.hist([entropy[correct], entropy[~correct]], bins=20, label=["correct", "wrong"], density=True)
 ax.set_xlabel("predictive entropy")
 ax.legend()
 
@@ -141,17 +147,10 @@ ax.legend()
 #
 # A component is dropped when its inclusion probability is below 0.5, or when its coefficient is small
 # against its uncertainty (`|μ| < τ0 · (1 + β · tanh(σ / |μ|))`). The second kind is what gating adds to a
-# plain spike-and-slab: listed are the components it drops most often although the guide would include them.
+# plain spike-and-slab.
 
 # %%
-print(f"share of gated-off components: {(samples['coef'] == 0).double().mean():.3f}")
-likely = samples["inclusion"] >= 0.5
-by_uncertainty = (likely & (samples["gate"] == 0)).double().mean(0)  # [T, B]
-print(f"dropped by the inclusion probability: {(~likely).double().mean():.3f}; "
-      f"by the uncertainty threshold: {by_uncertainty.mean():.3f}")
-dropped = pd.DataFrame({"task": [v for v in vectors for _ in blocks], "block": blocks * len(vectors),
-                        "dropped_by_uncertainty": by_uncertainty.flatten().numpy()})
-components = pd.read_csv(run_dir / "posteriors" / METHOD / problem / "components.csv").merge(
-    dropped, on=["task", "block"])
-components.sort_values("dropped_by_uncertainty", ascending=False).head(10)[
-    ["task", "block", "inclusion", "loc", "scale", "active", "dropped_by_uncertainty"]].round(3)
+decision = idata.constant_data["decision"].values
+likely = idata.constant_data["inclusion"].values >= 0.5
+print(f"share of gated-off components: {1 - decision.mean():.3f}; dropped by the inclusion probability: "
+      f"{1 - likely.mean():.3f}; by the uncertainty threshold: {(likely & (decision == 0)).mean():.3f}")

@@ -90,3 +90,45 @@ def test_a_fit_trains_only_the_baseline_and_improves_accuracy(problem, kind, par
     assert stored[-1] == params
     print(f"{kind}: fit-set accuracy {start:.3f} -> {accuracy(problem, baseline):.3f}")
     assert accuracy(problem, baseline) > start + gain
+
+
+def test_atlas_trains_through_one_merge_of_the_composed_encoder():
+    # aTLAS hands the composed encoder λ expanded to [n, T, B] (stride 0 along n): the encoder merges once
+    # per layer and runs a plain forward; the ELBO gradient in λ equals the hand-merged model's
+    from open_clip.transformer import VisionTransformer
+    from torch.func import functional_call
+
+    from vtvc_pyro import ComposedEncoder, TaskVectorBank
+    from vtvc_pyro.heads import ClassificationHead, HeadBank
+
+    torch.manual_seed(0)
+    visual = VisionTransformer(image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=2,
+                               output_dim=24).eval()
+    pre = visual.state_dict()
+    fts = {f"t{t}": {k: v + 0.05 * torch.randn(v.shape) for k, v in pre.items()} for t in range(3)}
+    bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")
+    encoder = ComposedEncoder(visual, bank)
+    seen = []
+
+    def spy(images, coef):
+        seen.append(coef.stride(0))
+        return encoder(images, coef)
+
+    heads = HeadBank({"a": ClassificationHead(torch.randn(3, 24), 10.0, list("xyz")),
+                      "b": ClassificationHead(torch.randn(2, 24), 10.0, list("uv"))})
+    init = 0.3 * torch.randn(3, bank.num_blocks)
+    atlas = ATLASModel(spy, heads, bank.task_names, bank.block_names, init=init)
+    images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 2, 1, 1, 0, 1])
+    task = torch.tensor([0, 0, 0, 1, 1, 1])
+    batch = Batch(torch.arange(6), images, torch.zeros(6, 24), labels, task, 60)
+    loss = Trace_ELBO().differentiable_loss(atlas, empty_guide, batch)
+    (grad,) = torch.autograd.grad(loss, atlas.coefficients)
+    assert seen == [0]
+    lam = init.clone().requires_grad_(True)
+    merged = {k: v + sum(lam[t, bank.block_index(k)] * (ft[k] - v) for t, ft in enumerate(fts.values()))
+              for k, v in pre.items()}
+    logits = heads.logits(functional_call(visual, merged, (images,)), task)
+    ref = 10 * F.cross_entropy(logits, labels, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, lam)
+    assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * ref_grad.abs().max().item())

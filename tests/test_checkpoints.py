@@ -1,9 +1,14 @@
-"""Checkpoint I/O: formats, prefixes, clear errors, opt-in legacy pickles, offline model creation."""
+"""Checkpoint I/O: formats, prefixes, clear errors, opt-in legacy pickles (allowlisted), TorchScript archives,
+the activation every source states, offline model creation."""
 
+import io
 import json
 import logging
+import os
 import sys
 import types
+import warnings
+import zipfile
 
 import open_clip
 import pytest
@@ -14,13 +19,15 @@ from safetensors.torch import save_file
 from vtvc_pyro import TaskVectorBank
 from vtvc_pyro.checkpoints import (
     LegacyPickleError,
-    convert_legacy_checkpoint,
+    convert_checkpoint,
     create_model,
     load_state_dict,
+    read_checkpoint,
     read_metadata,
     register_model_config,
     save_state_dict,
 )
+from vtvc_pyro.pickles import AllowlistUnpickler, RefusedGlobalError
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -98,35 +105,38 @@ def test_bad_files_raise_naming_the_file(clip, tmp_path):
 
 
 def _save_legacy(tmp_path, clip, name="legacy.pt", old_names=False):
-    """Pickle a whole ImageEncoder as mlfoundations/task_vectors did: a module ``src.modeling`` and a
-    preprocessing helper module that exist only while saving, optionally with the old open_clip class
-    name ``VisualTransformer``."""
-    src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
-    helpers = types.ModuleType("vtvc_gone_transforms")
+    """Pickle a whole ImageEncoder as mlfoundations/task_vectors did: a module ``src.modeling`` that exists
+    only while saving, open_clip's train / val preprocessing, and an open_clip helper class that no longer
+    exists; optionally with the old open_clip class name ``VisualTransformer``."""
+    from open_clip.transform import image_transform
 
-    class ToRGB:
-        def __init__(self, mode):
-            self.mode = mode
+    src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
+
+    class GoneHelper(torch.nn.Module):
+        pass
 
     class ImageEncoder(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
-            self.train_preprocess = ToRGB("RGB")
+            self.train_preprocess = image_transform(16, is_train=True)
+            self.val_preprocess = image_transform(16, is_train=False)
+            self.helper = GoneHelper()
 
-    ToRGB.__module__, ToRGB.__qualname__ = "vtvc_gone_transforms", "ToRGB"
+    GoneHelper.__module__, GoneHelper.__qualname__ = "open_clip.transform", "VtvcGoneHelper"
     ImageEncoder.__module__, ImageEncoder.__qualname__ = "src.modeling", "ImageEncoder"
-    modeling.ImageEncoder, src.modeling, helpers.ToRGB = ImageEncoder, modeling, ToRGB
+    modeling.ImageEncoder, src.modeling = ImageEncoder, modeling
+    open_clip.transform.VtvcGoneHelper = GoneHelper
     visual_class = type(clip.visual)
     if old_names:
         old = type("VisualTransformer", (VisionTransformer,), {"__module__": "open_clip.model"})
         open_clip.model.VisualTransformer = old
         clip.visual.__class__ = old
-    sys.modules.update({"src": src, "src.modeling": modeling, "vtvc_gone_transforms": helpers})
+    sys.modules.update({"src": src, "src.modeling": modeling})
     try:
         torch.save(ImageEncoder(clip), tmp_path / name)
     finally:
-        del sys.modules["src"], sys.modules["src.modeling"], sys.modules["vtvc_gone_transforms"]
+        del sys.modules["src"], sys.modules["src.modeling"], open_clip.transform.VtvcGoneHelper
         clip.visual.__class__ = visual_class
         if old_names:
             del open_clip.model.VisualTransformer
@@ -150,36 +160,16 @@ def test_convert_legacy_checkpoint(clip, tmp_path):
     path = _save_legacy(tmp_path, clip)
     out = tmp_path / "converted.safetensors"
     with pytest.raises(LegacyPickleError, match="--trust-pickle"):
-        convert_legacy_checkpoint(path, out, trust_pickle=False)
+        convert_checkpoint(path, out, trust_pickle=False)
     assert not out.exists()
-    convert_legacy_checkpoint(path, out, trust_pickle=True)
+    summary = convert_checkpoint(path, out, trust_pickle=True)
+    assert "image encoder state dict" in summary and "GELU" in summary
     assert_same_tensors(load_state_dict(out), clip.visual.state_dict())
     meta = read_metadata(out)
-    assert meta["quick_gelu"] == "false" and meta["source"] == "legacy.pt"
+    assert (meta["quick_gelu"], meta["source"], meta["source_format"]) == ("false", "legacy.pt", "pickle")
     with pytest.raises(ValueError, match="converted.safetensors' exists; pass overwrite=True"):
-        convert_legacy_checkpoint(path, out, trust_pickle=True)
-    convert_legacy_checkpoint(path, out, trust_pickle=True, overwrite=True)
-
-
-def test_create_model_offline_and_quick_gelu(tiny_name, tmp_path):
-    default = create_model(tiny_name)
-    assert isinstance(default.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
-    quick = create_model(tiny_name, quick_gelu=True)
-    assert isinstance(quick.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
-    # a legacy QuickGELU encoder (like OpenAI's ViT-B/32): the converted file records the activation ...
-    torch.manual_seed(1)
-    legacy = _save_legacy(tmp_path, quick, name="quick.pt")
-    converted = tmp_path / "quick.safetensors"
-    convert_legacy_checkpoint(legacy, converted, trust_pickle=True)
-    assert read_metadata(converted)["quick_gelu"] == "true"
-    # ... so create_model picks it up and reproduces the original encoder's features exactly
-    restored = create_model(tiny_name, pretrained=converted)
-    assert isinstance(restored.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
-    images = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(restored.visual(images), quick.visual(images), rtol=0, atol=0)
-    with pytest.warns(UserWarning, match="quick_gelu=False contradicts"):
-        create_model(tiny_name, pretrained=converted, quick_gelu=False)
+        convert_checkpoint(path, out, trust_pickle=True)
+    convert_checkpoint(path, out, trust_pickle=True, overwrite=True)
 
 
 def test_random_init_is_logged_only_when_no_weights_are_loaded(tiny_name, clip, tmp_path, caplog):
@@ -233,3 +223,192 @@ def test_cli_convert_and_bank_build(clip, tmp_path, capsys):
     bank = TaskVectorBank.load(bank_path)
     assert bank.task_names == ["a", "b"] and bank.num_blocks == 4 and bank.vectors.dtype == torch.bfloat16
     assert not bank.vectors.any()  # both "fine-tuned" files hold θ0 itself
+
+
+# ---------------------------------------------------------------------------- the activation of every source
+
+
+def _gelu_kind(model) -> type:
+    return type(model.visual.transformer.resblocks[0].mlp.gelu)
+
+
+@pytest.fixture(scope="module")
+def quick_name(tmp_path_factory) -> str:
+    """The tiny architecture under a name that states QuickGELU (like ``ViT-B-32-quickgelu``)."""
+    path = tmp_path_factory.mktemp("configs") / "vtvc-test-tinyclip-quickgelu.json"
+    path.write_text(json.dumps({**TINY_CLIP, "quick_gelu": True}))
+    return register_model_config(path)
+
+
+def test_create_model_takes_the_activation_from_every_source(tiny_name, tmp_path):
+    default = create_model(tiny_name)
+    assert _gelu_kind(default) is torch.nn.GELU
+    torch.manual_seed(1)
+    quick = create_model(tiny_name, quick_gelu=True)
+    assert _gelu_kind(quick) is QuickGELU
+    visual = quick.visual.state_dict()
+    # a papers-style pickle of a QuickGELU encoder, loaded directly (the zoo.trust_pickle route) ...
+    pickled = _save_legacy(tmp_path, quick, name="quick.pt")
+    # ... converted (metadata), a torch file with an explicit flag, and a safetensors file without any
+    converted = tmp_path / "quick.safetensors"
+    convert_checkpoint(pickled, converted, trust_pickle=True)
+    assert read_metadata(converted)["quick_gelu"] == "true"
+    torch.save({"state_dict": visual, "quick_gelu": True}, tmp_path / "flagged.pt")
+    save_state_dict(visual, tmp_path / "silent.safetensors")
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = quick.visual(images)
+    for name in ("quick.pt", "quick.safetensors", "flagged.pt"):
+        restored = create_model(tiny_name, pretrained=tmp_path / name, trust_pickle=True)
+        assert _gelu_kind(restored) is QuickGELU, name
+        with torch.no_grad():
+            torch.testing.assert_close(restored.visual(images), expected, rtol=0, atol=0)
+    assert read_checkpoint(tmp_path / "silent.safetensors").quick_gelu is None
+    assert _gelu_kind(create_model(tiny_name, pretrained=tmp_path / "silent.safetensors")) is torch.nn.GELU
+    torch.save({"state_dict": visual, "quick_gelu": "yes"}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="odd.pt' entry 'quick_gelu': quick_gelu must be true or false"):
+        read_checkpoint(tmp_path / "odd.pt")
+
+
+def test_a_name_or_argument_contradicting_the_checkpoint_is_refused(tiny_name, quick_name, clip, tmp_path):
+    gelu_pickle = _save_legacy(tmp_path, clip, name="gelu.pt")
+    refusal = (r"model 'vtvc-test-tinyclip-quickgelu' uses QuickGELU but .*gelu.pt' was saved from a model "
+               r"with GELU; use model 'vtvc-test-tinyclip'")
+    with pytest.raises(ValueError, match=refusal):
+        create_model(quick_name, pretrained=gelu_pickle, trust_pickle=True)
+    torch.save({"state_dict": clip.visual.state_dict(), "quick_gelu": True}, tmp_path / "quick.pt")
+    assert _gelu_kind(create_model(quick_name, pretrained=tmp_path / "quick.pt")) is QuickGELU
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts .*quick.pt', which was saved from a "
+                                         r"model with QuickGELU"):
+        create_model(tiny_name, pretrained=tmp_path / "quick.pt", quick_gelu=False)
+
+
+@pytest.mark.slow
+def test_papers_pickle_with_quick_gelu_under_vit_b_32(tmp_path):
+    """The issue's case at full size: the papers' name ``ViT-B-32`` and a pickled QuickGELU ImageEncoder."""
+    torch.manual_seed(0)
+    quick = open_clip.create_model("ViT-B-32", pretrained=None, quick_gelu=True).eval()
+    pickled = _save_legacy(tmp_path, quick, name="zeroshot.pt")
+    model = create_model("ViT-B-32", pretrained=pickled, trust_pickle=True).eval()
+    assert _gelu_kind(model) is QuickGELU
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual(images), quick.visual(images), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- --trust-pickle allowlist
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_trust_pickle_refuses_globals_outside_the_allowlist(clip, tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"visual": clip.visual, "payload": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt': cannot unpickle .*refused global '(posix|nt)\.system'"):
+        load_state_dict(tmp_path / "evil.pt", trust_pickle=True)
+    assert not marker.exists()
+    unpickler = AllowlistUnpickler(io.BytesIO())
+    refused = [("torch", "os.system"), ("torch", "load"), ("torch.utils.cpp_extension", "load_inline"),
+               ("builtins", "eval"), ("builtins", "getattr"), ("open_clip.factory", "create_model"),
+               ("open_clip.hf_model", "HFTextEncoder"), ("torchvision.datasets", "ImageFolder"),
+               ("subprocess", "Popen")]
+    for module, name in refused:
+        with pytest.raises(RefusedGlobalError, match=f"refused global '{module}.{name}'"):
+            unpickler.find_class(module, name)
+    # a hand-made protocol-4 stream reaching os.system through torch's namespace is refused, not run
+    command = f"touch {marker}".encode()
+    stream = (b"\x80\x04\x8c\x05torch\x8c\x09os.system\x93\x8c" + bytes([len(command)]) + command
+              + b"\x85R.")
+    with pytest.raises(RefusedGlobalError, match="'torch.os.system'"):
+        AllowlistUnpickler(io.BytesIO(stream)).load()
+    assert not marker.exists()
+
+
+def test_directories_are_refused_with_one_line(clip, tmp_path):
+    (tmp_path / "ckpt_dir").mkdir()
+    refusal = r"checkpoint '.*ckpt_dir' is a directory: give a checkpoint file, or a Hugging Face CLIP dir"
+    with pytest.raises(ValueError, match=refusal):
+        load_state_dict(tmp_path / "ckpt_dir")
+    save_state_dict(clip.visual.state_dict(), tmp_path / "enc.safetensors")
+    with pytest.raises(ValueError, match=r"output '.*ckpt_dir' is a directory: give a file path, e.g. "
+                                         r".*ckpt_dir/enc.safetensors"):
+        convert_checkpoint(tmp_path / "enc.safetensors", tmp_path / "ckpt_dir")
+
+
+# ---------------------------------------------------------------------------- TorchScript archives
+
+
+def _torchscript(model, path, half=False):
+    """A TorchScript archive of a CLIP, as OpenAI distributes ``ViT-B-32.pt`` (traced, fp16 weights)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model.eval(), {"encode_image": torch.randn(1, 3, 16, 16)},
+                                        check_trace=False)
+        if half:
+            traced = traced.half()
+        traced.save(str(path))
+    return path
+
+
+def _with_code_line(archive, out, line):
+    """Copy a zip archive, appending a line to every TorchScript code file."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if "/code/" in item.filename and item.filename.endswith(".py"):
+                data += f"\n{line}\n".encode()
+            dst.writestr(item, data)
+    return out
+
+
+def test_torchscript_archive_is_read_without_running_its_code(tiny_name, tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    clip = open_clip.create_model(tiny_name, pretrained=None, quick_gelu=True)
+    marker = tmp_path / "code-ran"
+    archive = _with_code_line(_torchscript(clip, tmp_path / "plain.pt"), tmp_path / "ViT-tiny.pt",
+                              f"__import__('os').system('touch {marker}')")
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load must not be called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    ckpt = read_checkpoint(archive)
+    assert ckpt.kind == "torchscript" and ckpt.quick_gelu is True and ckpt.is_full_clip
+    assert sorted(ckpt.state_dict) == sorted(clip.state_dict())  # attn_mask (not a weight) dropped
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in clip.state_dict().items())
+    assert not marker.exists()
+    model = create_model(tiny_name, pretrained=archive)
+    assert _gelu_kind(model) is QuickGELU
+    assert_same_tensors(model.state_dict(), clip.state_dict())
+    out = tmp_path / "openai_clip.safetensors"
+    assert "full CLIP state dict" in convert_checkpoint(archive, out)
+    assert read_metadata(out)["quick_gelu"] == "true" and read_metadata(out)["source_format"] == "torchscript"
+    assert_same_tensors(create_model(tiny_name, pretrained=out).state_dict(), clip.state_dict())
+    assert not marker.exists()
+
+
+def test_torchscript_archive_without_class_code_is_refused(tiny_name, tmp_path):
+    torch.manual_seed(2)
+    archive = _torchscript(open_clip.create_model(tiny_name, pretrained=None), tmp_path / "full.pt")
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "cut.pt", "w") as dst:
+        for item in src.infolist():
+            if "/code/" not in item.filename or "/open_clip/model" not in item.filename:
+                dst.writestr(item, src.read(item))  # drop the code of CLIP (mangled if traced before)
+    refusal = (r"cut.pt' is a TorchScript archive this reader cannot parse .*class "
+               r"__torch__.open_clip.model.(___torch_mangle_\d+.)?CLIP \(at the root\) is not defined")
+    with pytest.raises(ValueError, match=refusal):
+        load_state_dict(tmp_path / "cut.pt")
+
+
+def test_fp16_torchscript_weights_become_float32(tiny_name, tmp_path):
+    torch.manual_seed(3)
+    clip = open_clip.create_model(tiny_name, pretrained=None, quick_gelu=True)
+    state = read_checkpoint(_torchscript(clip, tmp_path / "half.pt", half=True)).state_dict
+    for k, v in clip.state_dict().items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v.half().float()), k

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vtvc_pyro.experiment.config import (
     ALPHA_GRID,
     METHODS,
+    ConfigError,
     ExperimentConfig,
     digest,
     from_dict,
     load_config,
+    parse_override,
+    parse_yaml,
     to_yaml,
     variant_config,
 )
-from vtvc_pyro.experiment.typed_config import ConfigError, parse_override, parse_yaml
+from vtvc_pyro.guide import GuideConfig
+from vtvc_pyro.inference import SVIConfig
+from vtvc_pyro.priors import NormalSpec, PriorSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -30,7 +37,7 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 def test_defaults_follow_the_method_page():
     cfg = from_dict({})
     assert cfg.methods == METHODS
-    assert cfg.prior == {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}}
+    assert cfg.prior == PriorSpec()
     assert cfg.protocol.alpha_grid[0] == 0.0 and cfg.protocol.alpha_grid[-1] == 1.0
     assert len(ALPHA_GRID) == 21 and ALPHA_GRID[7] == pytest.approx(0.35)
     assert (cfg.guide.tau0, cfg.guide.beta, cfg.guide.sharpness) == (0.05, 1.0, 20.0)
@@ -40,27 +47,44 @@ def test_defaults_follow_the_method_page():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"svi": {"stepz": 3}}, "svi.stepz: unknown key; allowed: steps, lr, batch_size"),
+        ({"svi": {"stepz": 3}}, "svi.stepz: unknown key; allowed: steps, batch_size, lr, lr_decay"),
         ({"zoo": {"presett": "micro"}}, "zoo.presett: unknown key; allowed: preset, cache_dir"),
         ({"colour": 1}, "colour: unknown key; allowed: name, seed"),
         ({"svi": {"steps": "many"}}, "svi.steps: expected int, got str 'many'"),
-        ({"svi": {"steps": True}}, "svi.steps: expected int, got bool"),
-        ({"svi": {"steps": 2.5}}, "svi.steps: expected int, got float"),
-        ({"svi": {"lr": "fast"}}, "svi.lr: expected float"),
-        ({"svi": {"lr": 0}}, "svi.lr: must be > 0"),
-        ({"svi": {"elbo": "renyi"}}, "svi.elbo: must be one of meanfield, trace"),
-        ({"svi": 3}, "svi: expected a mapping"),
-        ({"zoo": {"tasks": "mnist"}}, "zoo.tasks: expected list of str"),
-        ({"zoo": {"tasks": ["mnist", 3]}}, "zoo.tasks[1]: expected str"),
-        ({"zoo": {"finetuned": {"mnist": 1}}}, "zoo.finetuned.mnist: expected str"),
-        ({"protocol": {"ties_top_k": 1.5}}, "protocol.ties_top_k: must be in (0, 1]"),
-        ({"protocol": {"name": "negation"}}, "protocol.name: must be one of task_addition, knowledge"),
-        ({"protocol": {"alpha_grid": []}}, "protocol.alpha_grid: must not be empty"),
+        ({"svi": {"steps": True}}, "svi.steps: expected int, got bool True"),
+        ({"svi": {"steps": "5"}}, "svi.steps: expected int, got str '5'"),
+        ({"guide": {"tau0": True}}, "guide.tau0: expected float, got bool True"),
+        ({"zoo": {"trust_pickle": "yes"}}, "zoo.trust_pickle: expected bool, got str 'yes'"),
+        ({"eval": {"batch_size": 2.0}}, "eval.batch_size: input should be a valid integer"),
+        ({"svi": {"steps": 2.5}}, "svi.steps: input should be a valid integer, got a number"),
+        ({"svi": {"lr": "fast"}}, "svi.lr: expected float, got str 'fast'"),
+        ({"svi": {"lr": 0}}, "svi.lr: must be > 0 and finite"),
+        ({"svi": {"elbo": "renyi"}}, "svi.elbo: 'renyi' is not an ELBO; allowed: meanfield, trace"),
+        ({"svi": 3}, "svi: input should be a dictionary"),
+        ({"svi": {"seed": 3}}, "svi.seed: set by the run; use seed instead"),
+        ({"zoo": {"tasks": "mnist"}}, "zoo.tasks: input should be a valid tuple; got 'mnist'"),
+        ({"zoo": {"tasks": ["mnist", 3]}}, "zoo.tasks[1]: input should be a valid string; got 3"),
+        ({"zoo": {"finetuned": {"mnist": 1}}}, "zoo.finetuned.mnist: input should be a valid string"),
+        ({"protocol": {"ties_top_k": 1.5}}, "protocol.ties_top_k: input should be less than or equal to 1"),
+        ({"protocol": {"name": "negation"}}, "protocol.name: input should be 'task_addition' or 'knowledge"),
+        ({"protocol": {"alpha_grid": []}}, "protocol.alpha_grid: tuple should have at least 1 item"),
+        # issue 15 items 4 and 11: values the engine would refuse after other methods ran
+        ({"svi": {"kl_weight": 0}}, "svi.kl_weight: must be > 0 and finite, got 0"),
+        ({"svi": {"kl_weight": float("inf")}}, "svi.kl_weight: must be > 0 and finite, got inf"),
+        ({"svi": {"lr": float("inf")}}, "svi.lr: must be > 0 and finite, got inf"),
+        ({"seed": -1}, "seed: input should be greater than or equal to 0; got -1"),
+        ({"protocol": {"alpha_grid": [0.5, float("nan")]}}, "protocol.alpha_grid[1]: input should be"),
+        ({"zoo": {"tasks": []}}, "zoo.tasks: must name at least one task, or be null for every task"),
+        ({"zoo": {"tasks": ["mnist", "svhn", "mnist"]}}, "zoo.tasks: task 'mnist' is listed twice"),
+        ({"guide": {"tau0": -1}}, "guide.tau0: must be a finite number >= 0"),
+        ({"guide": {"gatingg": "gated"}}, "guide.gatingg: unknown key; allowed: kind, hidden_dim, gating"),
         ({"methods": ["vtvc", "bayes"]}, "methods[1]: unknown method 'bayes'"),
         ({"methods": ["vtvc", "vtvc"]}, "methods[1]: 'vtvc' is listed twice"),
         ({"methods": ["vtvc_merged"]}, "methods: vtvc_merged merges the posterior of vtvc"),
         ({"blocks": "rows"}, "blocks: must be tensor, layer or a list"),
-        ({"prior": {"pi": 0.2}}, "prior.kind: required"),
+        ({"prior": {"pi": 0.2, "kindd": 1}}, "prior.kindd: unknown field; allowed: kind, pi"),
+        ({"prior": {"kind": "laplace"}}, "prior.kind: 'laplace' is not a prior kind"),
+        ({"prior": 3}, "prior: expected a mapping, got int 3"),
         ({"zoo": {"preset": None, "model": "ViT-B-32"}}, "zoo.pretrained: required when zoo.preset is null"),
         ({"zoo": {"pretrained": "/x.pt"}}, "zoo.pretrained: only for real checkpoints"),
         ({"variants": {"v": {"set": {}}}}, "variants.v.method: required key is missing"),
@@ -69,7 +93,7 @@ def test_defaults_follow_the_method_page():
         ({"variants": {"v": {"method": "vtvc", "set": {"seed": 3}}}}, "variants.v.set.seed: a variant may"),
         ({"variants": {"v": {"method": "vtvc", "set": {"svi.stepz": 3}}}}, "variants.v.set: svi.stepz: unkn"),
         ({"variants": {"a.b": {"method": "vtvc"}}}, "variants.a.b: a variant name may hold letters"),
-        ({"threads": 0}, "threads: must be > 0 or null"),
+        ({"threads": 0}, "threads: input should be greater than 0; got 0"),
         ({"prior": {"kind": "spike_and_slab", "pi": 2}}, "prior.pi: 2 is outside (0.0, 1.0)"),
         ({"prior": {"kind": "spike_and_slab", "temperature": 0.5}}, "guide.gating: a relaxed spike"),
     ],
@@ -124,7 +148,7 @@ def test_overrides_apply_in_order_and_are_validated(tmp_path):
     assert cfg.svi.steps == 30
     assert cfg.guide.gating == "ungated"
     # the default prior is edited, not replaced
-    assert cfg.prior == {"kind": "spike_and_slab", "pi": 0.2, "slab": {"loc": 0.0, "scale": 1.0}}
+    assert cfg.prior == PriorSpec(pi=0.2)
     with pytest.raises(ConfigError, match=r"^svi\.stepz: unknown key; allowed: steps"):
         load_config(path, ["--svi.stepz=3"])
     with pytest.raises(ConfigError, match=r"^svi\.steps: expected int, got str 'x'"):
@@ -155,7 +179,7 @@ def test_variants_resolve_to_changed_settings():
         },
     })
     low = variant_config(cfg, "pi_low")
-    assert low.prior["pi"] == 0.1 and low.prior["slab"] == {"loc": 0.0, "scale": 1.0}
+    assert low.prior.pi == 0.1 and low.prior.slab == NormalSpec(0.0, 1.0)
     assert low.svi.steps == 7 and cfg.svi.steps == 300
     assert variant_config(cfg, "layer_blocks").blocks == "layer"
     assert variant_config(cfg, "vtvc") is cfg
@@ -174,8 +198,10 @@ def test_yaml_round_trip_and_digest(tmp_path):
 
 def test_configs_are_frozen():
     cfg = ExperimentConfig()
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.seed = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.svi.steps = 3  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -189,3 +215,34 @@ def test_shipped_configs_cover_the_brief():
     names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
     assert {"quickstart", "smoke"} <= names
     assert load_config(CONFIG_DIR / "quickstart.yaml").methods == METHODS
+
+
+def test_one_default_per_knob_the_library_s():
+    cfg = from_dict({})
+    assert cfg.guide == GuideConfig() and cfg.prior == PriorSpec()
+    library = dataclasses.asdict(SVIConfig())
+    assert {k: v for k, v in dataclasses.asdict(cfg.svi).items() if k not in ("seed", "progress")} == {
+        k: v for k, v in library.items() if k not in ("seed", "progress")}
+    assert (cfg.baselines.steps, cfg.baselines.lr, cfg.baselines.batch_size) == (300, 5e-3, 64)
+    run_svi = from_dict({"seed": 7, "eval": {"batch_size": 32}}).svi_config(progress=False)
+    assert (run_svi.seed, run_svi.feature_batch_size, run_svi.progress) == (7, 32, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("svi:\n  steps: 3\n  steps: 4\n", "duplicate key 'steps'"),
+        ("name: a\nname: b\n", "duplicate key 'name'"),
+        ("zoo:\n  preset: null\n  finetuned:\n    mnist: a.pt\n    mnist: b.pt\n", "duplicate key 'mnist'"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused_by_name(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_the_resolved_config_reads_back_as_the_same_config(tmp_path):
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["--prior.overrides=[{tasks: mnist, pi: 0.9}]"])
+    again = load_config(write(tmp_path, to_yaml(cfg)))
+    assert again == cfg and digest(again) == digest(cfg)
+    assert again.prior.overrides[0].pi == 0.9

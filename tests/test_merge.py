@@ -215,3 +215,22 @@ def test_classic_merge_arguments(hand_bank):
         ties_merging(hand_bank, top_k=20)
     with pytest.raises(ValueError, match="alpha must be finite, got nan"):
         task_arithmetic(hand_bank, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_chunked_low_precision_merge_equals_naive_formula(states, dtype, monkeypatch):
+    # chunks of 7 columns: every segment boundary and chunk boundary falls somewhere else; the reference is
+    # the naive formula over the bank's own stored (rounded) task vectors, in float64
+    import vtvc_pyro.merge as merge_module
+
+    _, pre, fts = states
+    monkeypatch.setattr(merge_module, "_WIDEN_CHUNK", 7)
+    bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer", dtype=dtype)
+    stored = {t: {k: (bank.pretrained_tensor(k).double() + bank.task_vector(k)[i].double())
+                  for k in bank.param_names} for i, t in enumerate(TASKS)}
+    stored_pre = {k: bank.pretrained_tensor(k) for k in bank.param_names}
+    for coef in (torch.tensor([0.5, -1.0, 2.0]), torch.randn(3, bank.num_blocks)):
+        got = bank.merge(coef, backend="torch")
+        expected = naive_merge(stored_pre, stored, coef, layer_of)
+        for k in bank.param_names:
+            torch.testing.assert_close(got[k], expected[k], rtol=0, atol=2e-6, msg=k)

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from planted import planted_problem
-from pyro import poutine
 from pyro.distributions import constraints
 from torch.testing import assert_close
 
 from vtvc_pyro.guide import AmortizedGuide
-from vtvc_pyro.model import Batch, VTVCModel, collate_items
+from vtvc_pyro.model import VTVCModel, collate_items
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
 
 
@@ -82,30 +81,46 @@ def test_deterministic_prediction_is_the_gated_composition_through_each_samples_
 
 def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(problem):
     model, guide, post = make(problem, gating="ungated", init_scale=0.3)
-    pyro.set_rng_seed(5)
-    pred = post.predictive(problem.data, num_samples=6)
-    pyro.set_rng_seed(5)
-    reference = []
-    for start in range(0, 36, 10):  # the same draws, by hand: guide trace -> coef -> each sample's head
-        positions = torch.arange(start, min(start + 10, 36))
-        images, labels, task = collate_items(problem.data, positions)
-        batch = Batch(positions, images, F.normalize(images @ problem.encoder.base, dim=-1), labels, task, 36)
-        draws = []
-        for _ in range(6):
-            trace = poutine.trace(guide).get_trace(batch)
-            coef = trace.nodes["gate"]["value"] * trace.nodes["slab"]["value"]
-            draws.append(problem.heads.logits(problem.encoder(images, coef), task).softmax(-1))
-        reference.append(torch.stack(draws))
-    probs = torch.cat(reference, dim=1)  # [S, N, C]
+    pred = post.predictive(problem.data, num_samples=6, keep_draws=True)
+    assert pred["coef"].shape == (6, 36, 3, 2)
+    assert_close(pred["coef"], pred["gate"] * pred["slab"])
+    images, labels, task = collate_items(problem.data, torch.arange(36))
+    # the predictive by hand from the returned draws: coef -> composed encoder -> each sample's own head
+    probs = torch.stack([problem.heads.logits(problem.encoder(images, c), task).softmax(-1)
+                         for c in pred["coef"]])
     mean = probs.mean(0)
     entropy = -(mean * mean.clamp_min(1e-30).log()).sum(-1)
     expected_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(0)
     assert_close(pred["probs"], mean)
     assert_close(pred["entropy"], entropy)
     assert_close(pred["mutual_information"], entropy - expected_entropy)
+    picked = probs.gather(-1, labels[None, :, None].expand(6, -1, 1))[..., 0]
+    assert_close(pred["log_likelihood"], picked.log())
     assert (pred["mutual_information"] > 1e-4).any() and (pred["mutual_information"] > -1e-6).all()
     assert (pred["entropy"] <= math.log(4) + 1e-6).all()
-    assert torch.equal(pred["labels"], torch.tensor([problem.data[i][2] for i in range(36)]))
+    assert torch.equal(pred["labels"], labels)
+
+
+def test_predictive_draws_follow_the_guide(problem):
+    """Predictive(model, guide) samples what the guide samples: with sampled gates, the share of draws
+    keeping a component approaches its inclusion probability sigmoid(ℓ) (binomial, within 5 sigma)."""
+    _, guide, post = make(problem, gating="ungated")
+    pyro.set_rng_seed(1)
+    draws = post.predictive(problem.data, num_samples=300, keep_draws=True)
+    inclusion = post.summarize(problem.data)["inclusion"]
+    sigma = (inclusion * (1 - inclusion) / 300).sqrt()
+    assert ((draws["gate"].mean(0) - inclusion).abs() <= 5 * sigma + 1e-3).all()
+    quantiles = post.quantiles(problem.data, [0.1, 0.5, 0.9], num_samples=200)
+    assert quantiles["slab"].shape == (3, 36, 3, 2)
+    assert (quantiles["slab"][0] <= quantiles["slab"][1]).all()
+    assert (quantiles["slab"][1] <= quantiles["slab"][2]).all()
+    median = post.median(problem.data, num_samples=200)["slab"]
+    loc, scale = (post.summarize(problem.data)[k] for k in ("loc", "scale"))
+    # where the gate is kept the slab is Normal(loc, scale): its median is loc (here within 0.3 scale)
+    kept = draws["gate"].mean(0) > 0.9
+    assert ((median - loc).abs()[kept] <= 0.3 * scale[kept] + 1e-3).all()
+    with pytest.raises(ValueError, match=r"quantiles must be a non-empty list in \[0, 1\]"):
+        post.quantiles(problem.data, [1.5])
 
 
 def test_a_single_draw_has_no_mutual_information(problem):
@@ -128,6 +143,10 @@ def test_inference_data_export(problem):
     assert idata.log_likelihood["obs"].shape == (1, 4, 36)
     assert (idata.log_likelihood["obs"].values <= 0).all()
     assert list(idata.observed_data["obs"].values) == [problem.data[i][2] for i in range(36)]
+    assert idata.posterior_predictive["obs"].shape == (1, 4, 36)
+    tasks = [t for t in ("alpha", "beta", "gamma") for _ in range(12)]
+    assert list(idata.constant_data["data_task"].values) == tasks
+    assert idata.sample_stats["entropy"].shape == (1, 4, 36)
 
 
 def test_gaussian_guides_have_inclusion_one_and_no_gate(problem):

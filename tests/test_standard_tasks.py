@@ -1,4 +1,7 @@
-"""Loaders of the 8 standard datasets: missing-data errors, fake local layouts, the val protocol."""
+"""Loaders of the 8 standard datasets: missing-data errors, fake local layouts, the val protocol, the papers'
+EuroSAT val folder and folder-based Cars."""
+
+import logging
 
 import pytest
 import torch
@@ -6,12 +9,14 @@ from PIL import Image
 
 from vtvc_pyro.data import train_val_split
 from vtvc_pyro.standard_tasks import (
+    DIGITS,
     LAYOUTS,
     STANDARD_TASKS,
     TEMPLATES,
     MissingDatasetError,
     load_standard_task,
     load_standard_tasks,
+    standard_class_names,
 )
 
 
@@ -95,3 +100,64 @@ def test_val_protocol_caps_at_5000():
     assert len(small_val) == 9  # int(9.9)
     again = train_val_split(list(range(99)))[1]
     assert list(small_val.indices) == list(again.indices)
+
+
+def _eurosat(root, splits):
+    for split, count in splits.items():
+        _images(root / "EuroSAT_splits" / split / "SeaLake", count, 1)
+        _images(root / "EuroSAT_splits" / split / "AnnualCrop", count, 2)
+
+
+def test_eurosat_val_folder_is_val_and_train_stays_whole(tmp_path, caplog):
+    _eurosat(tmp_path, {"train": 6, "val": 2, "test": 3})
+    with caplog.at_level(logging.WARNING):
+        task = load_standard_task("EuroSAT", tmp_path)
+    assert not caplog.records
+    assert (len(task.train), len(task.val), len(task.test)) == (12, 4, 6)
+    val_files = sorted(path.split("EuroSAT_splits/")[1] for path, _ in task.val.samples)
+    assert val_files == sorted(f"val/{c}/img_{k}_{i}.png" for c, k in (("SeaLake", 1), ("AnnualCrop", 2))
+                               for i in range(2))
+    assert [label for _, label in task.val.samples] == [0, 0, 1, 1]  # AnnualCrop, SeaLake as in train
+    assert task.class_names == ["annual crop land", "lake or sea"]
+
+
+def test_eurosat_without_val_folder_splits_train_with_a_warning(tmp_path, caplog):
+    _eurosat(tmp_path, {"train": 10, "test": 3})
+    with caplog.at_level(logging.WARNING):
+        task = load_standard_task("EuroSAT", tmp_path)
+    assert (len(task.train), len(task.val)) == (18, 2)
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(0))[18:].tolist()
+    assert list(task.val.indices) == expected
+    assert any("EuroSAT_splits/val does not exist" in r.getMessage() and "overlaps" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_eurosat_val_folder_with_other_classes_is_refused(tmp_path):
+    _eurosat(tmp_path, {"train": 2, "test": 1})
+    _images(tmp_path / "EuroSAT_splits" / "val" / "Forest", 1, 3)
+    with pytest.raises(ValueError, match=r"EuroSAT class folders differ between .*val \(\['Forest'\]\)"):
+        load_standard_task("EuroSAT", tmp_path)
+
+
+def test_cars_folder_based_fallback(tmp_path):
+    with pytest.raises(MissingDatasetError, match="stanford_cars_folder_based"):
+        load_standard_task("Cars", tmp_path)
+    base = tmp_path / "stanford_cars_folder_based"
+    for split, count in (("train", 10), ("test", 2)):
+        _images(base / split / "Audi_S4_Sedan_2012", count, 5)
+        _images(base / split / "BMW_M3_Coupe_2012", count, 6)
+    task = load_standard_task("Cars", tmp_path)
+    assert task.class_names == ["Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
+    assert (len(task.train), len(task.val), len(task.test)) == (18, 2, 4)
+    assert standard_class_names("Cars", tmp_path) == task.class_names
+
+
+def test_standard_class_names():
+    assert standard_class_names("MNIST") == DIGITS
+    assert standard_class_names("RESISC45")[:2] == ["airplane", "airport"]
+    assert standard_class_names("RESISC45")[2] == "baseball diamond"
+    assert standard_class_names("EuroSAT")[-1] == "lake or sea"
+    with pytest.raises(ValueError, match="DTD's class names come from its data"):
+        standard_class_names("DTD")
+    with pytest.raises(KeyError, match="'ImageNet'"):
+        standard_class_names("ImageNet")

@@ -213,3 +213,99 @@ def test_select_tasks_and_to(states):
     assert bank.to("cpu") is bank
     moved = bank.to("meta")
     assert moved.device.type == "meta" and moved.base.device.type == "meta" and moved.task_names == TASKS
+
+
+def hand_truncated(tau: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-``rank`` truncated SVD of one task vector, by hand: U[:, :r] diag(S[:r]) Vh[:r]."""
+    u, s, vh = torch.linalg.svd(tau.reshape(tau.shape[0], -1).double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_low_rank_reconstruction_equals_hand_svd(states):
+    pre, fts = states
+    bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")
+    low = bank.low_rank(rank=3)
+    # 2-D+ entries where 3 · (m + n) < m · n are factorised; 1-D entries and the rest stay exact
+    expected = {e.name for e in bank.entries if len(e.shape) > 1
+                and 3 * (e.shape[0] + e.numel // e.shape[0]) < e.numel}
+    assert set(low.factors) == expected and "conv1.weight" in expected and "proj" in expected
+    for e in bank.entries:
+        for t, task in enumerate(TASKS):
+            tau = fts[task][e.name] - pre[e.name]
+            got = low.task_vector(e.name)[t]
+            if e.name in expected:
+                torch.testing.assert_close(got.double().reshape(e.shape[0], -1), hand_truncated(tau, 3),
+                                           rtol=0, atol=1e-6)
+                a, b = low.factors[e.name]
+                torch.testing.assert_close(a[t] @ b[t], got.reshape(e.shape[0], -1), rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(got, bank.task_vector(e.name)[t])
+    assert low.low_rank_spec == {"rank": 3, "energy": None} and bank.low_rank() is bank
+    merged = low.merge(torch.tensor([0.5, -1.0, 2.0]))  # merges use the reconstruction
+    ref = pre["proj"] + sum(c * low.task_vector("proj")[t] for t, c in enumerate([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(merged["proj"], ref, rtol=0, atol=1e-6)
+
+
+def test_low_rank_energy_keeps_the_fewest_triplets_reaching_the_share(states):
+    pre, fts = states
+    # a planted entry: task t's τ has singular values (4, 2, 1, 0, ...) scaled by t + 1
+    gen = torch.Generator().manual_seed(5)
+    q1, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen))
+    q2, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+    planted = {t: (t + 1) * (q1[:, :3] * torch.tensor([4.0, 2.0, 1.0])) @ q2[:3] for t in range(3)}
+    name = "transformer.resblocks.0.mlp.c_proj.weight"
+    fts = {task: {**fts[task], name: pre[name] + planted[t]} for t, task in enumerate(TASKS)}
+    bank = TaskVectorBank.from_state_dicts(pre, fts)
+    # shares of energy: 16/21, 20/21, 1
+    for energy, rank in ((0.7, 1), (16 / 21, 1), (0.9, 2), (0.99, 3), (1.0, 3)):
+        a, b = bank.low_rank(energy=energy).factors[name]
+        assert a.shape == (3, 32, rank) and b.shape == (3, rank, 64), energy
+        for t in range(3):
+            torch.testing.assert_close((a[t] @ b[t]).double(), hand_truncated(planted[t], rank), rtol=0,
+                                       atol=1e-5)
+
+
+def test_low_rank_pads_tasks_to_the_largest_rank(states):
+    pre, fts = states
+    name = "transformer.resblocks.1.mlp.c_fc.weight"  # [64, 32]
+    fts = {task: {**fts[task], name: pre[name] + (t + 1) * torch.outer(torch.ones(64), torch.ones(32))
+                  if t < 2 else fts[task][name]} for t, task in enumerate(TASKS)}  # ranks 1, 1, full
+    a, b = TaskVectorBank.from_state_dicts(pre, fts).low_rank(energy=0.5).factors[name]
+    assert a.shape[2] > 1 and (a[0, :, 1:] == 0).all() and (a[1, :, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_low_rank_save_load_round_trip(states, tmp_path, dtype):
+    pre, fts = states
+    low = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer", dtype=dtype, rank=2)
+    low.save(tmp_path / "low.safetensors")
+    loaded = TaskVectorBank.load(tmp_path / "low.safetensors")
+    assert loaded.low_rank_spec == {"rank": 2, "energy": None} and list(loaded.factors) == list(low.factors)
+    for k, (a, b) in low.factors.items():
+        assert torch.equal(loaded.factors[k][0], a) and torch.equal(loaded.factors[k][1], b)
+    assert loaded.vectors.dtype == low.vectors.dtype and torch.equal(loaded.vectors, low.vectors)
+    assert loaded.entries == low.entries and torch.equal(loaded.base, low.base)
+    # the file stores the factors, not the dense columns of the factorised entries
+    dense = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer", dtype=dtype)
+    dense.save(tmp_path / "dense.safetensors")
+    size = {k: (tmp_path / f"{k}.safetensors").stat().st_size for k in ("low", "dense")}
+    assert size["low"] < 0.6 * size["dense"]
+    sub = loaded.select_tasks(["dtd", "mnist"])  # derived banks keep the factors
+    assert torch.equal(sub.factors["proj"][0], low.factors["proj"][0][[2, 0]])
+    assert sub.to("meta").factors["proj"][1].device.type == "meta"
+
+
+def test_low_rank_argument_errors(states, tmp_path):
+    pre, fts = states
+    bank = TaskVectorBank.from_state_dicts(pre, fts)
+    for kwargs, message in (({"rank": 2, "energy": 0.9}, "rank or energy, not both"),
+                            ({"rank": 0}, "rank must be a positive integer, got 0"),
+                            ({"rank": 2.5}, "rank must be a positive integer, got 2.5"),
+                            ({"energy": 1.5}, r"energy must be in \(0, 1\], got 1.5"),
+                            ({"energy": 0.0}, r"energy must be in \(0, 1\], got 0.0")):
+        with pytest.raises(ValueError, match=message):
+            bank.low_rank(**kwargs)
+    low = bank.low_rank(rank=2)
+    with pytest.raises(ValueError, match=r"factors of 'proj' .* must be \[T, m, r\] = \[3, 32, r\]"):
+        TaskVectorBank(low.vectors, low.base, low.entries, low.block_names, low.task_names,
+                       factors={"proj": (low.factors["proj"][0][:, :5], low.factors["proj"][1])})

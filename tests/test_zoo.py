@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vtvc_pyro import cli
 from vtvc_pyro.checkpoints import load_state_dict
@@ -18,6 +20,12 @@ from vtvc_pyro.zoo.training import finetune_encoder
 
 def _hashes(images):
     return {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _copy_zoo(zoo, cache_dir):
@@ -174,7 +182,8 @@ def test_corrupted_cache_is_detected_reported_and_rebuilt(micro_zoo, tmp_path, m
     assert calls == ["micro"]
     assert verify_zoo(zoo.root) == []
     assert target.read_bytes() == micro_zoo.finetuned_paths["mnist"].read_bytes()
-    assert not [p for p in (tmp_path / "zoo").iterdir() if p.name != root.name]  # no staging left behind
+    left = [p.name for p in (tmp_path / "zoo").iterdir() if p.name != root.name]
+    assert left == [f".{root.name}.lock"]  # no staging or old zoo left behind, only the build lock
 
 
 def test_missing_file_is_detected(micro_zoo, tmp_path):
@@ -214,3 +223,60 @@ def test_two_builds_are_identical(micro_zoo, tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first), rel
         with safe_open(str(micro_zoo.root / rel), "pt") as a, safe_open(str(again.root / rel), "pt") as b:
             assert a.metadata() == b.metadata(), rel
+
+
+def test_a_file_missing_from_the_manifest_is_still_verified(micro_zoo, tmp_path):
+    """Both ways: an unlisted file is a problem (it used to be read unchecked), and so is an extra one."""
+    root = _copy_zoo(micro_zoo, tmp_path)
+    manifest = json.loads((root / "zoo.json").read_text())
+    del manifest["files"]["finetuned/mnist.safetensors"]
+    (root / "zoo.json").write_text(json.dumps(manifest))
+    target = root / "finetuned" / "mnist.safetensors"
+    target.write_bytes(target.read_bytes()[:-8] + b"\x00" * 8)  # a corrupted copy
+    assert verify_zoo(root) == [f"{root / 'zoo.json'} does not list finetuned/mnist.safetensors",
+                                f"file {target} is not listed in zoo.json"]
+    root = _copy_zoo(micro_zoo, tmp_path / "extra")
+    (root / "heads" / "stray.safetensors").write_bytes(b"x")
+    assert verify_zoo(root) == [f"file {root / 'heads' / 'stray.safetensors'} is not listed in zoo.json"]
+
+
+def test_fingerprint_follows_tensor_contents_not_file_bytes(micro_zoo, tmp_path):
+    """A repaired zoo with bit-identical weights (other build time, other safetensors header) keeps its
+    fingerprint, so a partial run can resume; a changed weight changes it."""
+    from safetensors import safe_open
+
+    from vtvc_pyro.io import sha256_file
+    from vtvc_pyro.zoo import zoo_fingerprint
+
+    root = _copy_zoo(micro_zoo, tmp_path)
+    original = zoo_fingerprint(root)
+    manifest = json.loads((root / "zoo.json").read_text())
+    manifest["build_seconds"] += 12.5
+    rel = "finetuned/mnist.safetensors"
+    with safe_open(str(root / rel), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    save_file(dict(reversed(list(tensors.items()))), str(root / rel), metadata={**metadata, "rebuilt": "yes"})
+    manifest["files"][rel] = sha256_file(root / rel)
+    (root / "zoo.json").write_text(json.dumps(manifest))
+    assert verify_zoo(root) == [] and manifest["files"][rel] != micro_zoo.manifest["files"][rel]
+    assert zoo_fingerprint(root) == original
+    tensors["proj"][0, 0] += 1e-3
+    save_file(tensors, str(root / rel), metadata=metadata)
+    assert zoo_fingerprint(root)["content_sha256"] != original["content_sha256"]
+    assert original["format_version"] == micro_zoo.manifest["format_version"]
+
+
+def test_an_unwritable_cache_gives_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["zoo", "build", "--preset", "micro", "--cache-dir", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the zoo cache {tmp_path / 'file' / 'zoo'}")
+    assert "--cache-dir" in err and err.count("\n") == 1
+
+
+def test_a_built_zoo_follows_the_umask(micro_zoo):
+    """The zoo directory used to keep mkdtemp's 0700 and its files mkstemp's 0600."""
+    assert stat.S_IMODE(micro_zoo.root.stat().st_mode) == 0o777 & ~_umask()
+    for rel in ("zoo.json", "pretrained.safetensors", "finetuned/mnist.safetensors"):
+        assert stat.S_IMODE((micro_zoo.root / rel).stat().st_mode) == 0o666 & ~_umask(), rel

@@ -39,6 +39,8 @@ class ATLASModel(PyroModule):
         self.coefficients = nn.Parameter(init.expand(shape).clone())
 
     def coef(self, num: int) -> torch.Tensor:
+        # an expanded view (stride 0 along the samples): ComposedEncoder merges λ once per layer and runs a
+        # plain forward, under autograd too, instead of composing per sample
         return self.coefficients.expand(num, *self.coefficients.shape)
 
     def forward(self, batch: Batch, kl_scale: float = 1.0) -> torch.Tensor:

@@ -3,10 +3,13 @@
 Image ``n`` is encoded with weights ``θ0 + Σ_t Σ_b coef[n, t, b] · τ_t^(b)`` without building one weight copy
 per sample. Every parameter enters the ViT linearly, so a linear layer is
 ``x W(λ_n)ᵀ = x W0ᵀ + Σ_t λ[n, t] · (x ΔW_tᵀ)``: one extra GEMM per task vector that is non-zero for some
-sample of the batch in that layer's block (none for a block that is zero everywhere). Small tensors
+sample of the batch in that layer's block (none for a block that is zero everywhere), over only the samples
+where it is non-zero (gathered, multiplied, scattered back) when that is cheaper. With a low-rank bank the
+extra GEMMs use the factors, ``x ΔW_tᵀ = (x B_tᵀ) A_tᵀ``, all task vectors in two GEMMs. Small tensors
 (LayerNorm affine, biases, embeddings, LayerScale) are formed per sample. Without autograd, a layer with
 many active task vectors may instead form its per-sample weights a few samples at a time, when that is
-cheaper; both give the same numbers up to float rounding.
+cheaper; a batch that shares one coefficient set (``[T, B]``, or ``[N, T, B]`` expanded from one) is merged
+once per layer, under autograd too. All give the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ from torch import nn
 
 from vtvc_pyro.task_vectors import TaskVectorBank
 
-MODES = ("auto", "composed", "materialise")
-# Cost of forming one sample's weights for a layer (memory-bound), in multiply-adds per weight element; the
-# composed path pays ``L`` per element and active task vector (L tokens), the per-sample GEMMs ``L / 4`` more
-# than one shared GEMM. Measured on the 2-core x86 CPU (benchmarks/compose.py, benchmarks/README.md).
+MODES = ("auto", "composed", "sparse", "materialise")
+# The per-layer cost model of mode="auto", in multiply-adds per weight element and sample. A task vector's
+# extra GEMM costs ``L`` (L tokens) per sample it runs on; gathering a sample's rows and scattering its output
+# back costs ``_GATHER_COST · (1/in + 1/out)`` times that; forming one sample's weights (memory-bound) costs
+# ``_MATERIALISE_COST``, and its per-sample GEMM ``L / 4`` more than one shared GEMM. Measured on the 2-core
+# x86 CPU (benchmarks/compose.py --calibrate, benchmarks/README.md): forming weights 50-64; the gather
+# overhead was below the timing noise at ViT-B width, so 30 is a conservative bound (it only makes a layer
+# skip gathering for a task vector used by nearly every sample, or in narrow layers).
 _MATERIALISE_COST = 64.0
+_GATHER_COST = 30.0
 _CHUNK_ELEMENTS = 1 << 24  # per-sample weights formed at a time (64 MB in float32)
 
 
@@ -188,6 +196,22 @@ def _check_bank(visual: nn.Module, bank: TaskVectorBank) -> None:
             raise ValueError(f"shape mismatch for {k!r}: bank {list(entries[k])} vs tower {list(shape)}")
 
 
+def _check_inputs(images: torch.Tensor, coef: object) -> None:
+    """Refuse, naming the problem, what the plain tower would refuse or silently misread: images that are
+    not a non-empty float ``[N, 3, H, W]`` batch (uint8 pixels must be normalised first, as the plain tower
+    requires too), and images or coefficients on the ``meta`` device (they hold no values)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [N, 3, H, W], got {list(getattr(images, 'shape', []))}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating-point and normalised (image_mean / image_std), got dtype "
+                         f"{images.dtype}; convert uint8 pixels first, e.g. with ImageSplit.tensors()")
+    if images.shape[0] == 0:
+        raise ValueError("images: the batch is empty (N = 0); pass at least one image")
+    for name, value in (("images", images), ("coef", coef)):
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ValueError(f"{name} is on the 'meta' device and holds no values; pass real tensors")
+
+
 class _Weights:
     """Per-forward access to the weights ``θ0 + Σ coef · τ`` of one batch, in composed or materialised form.
 
@@ -198,9 +222,13 @@ class _Weights:
         self.enc, self.mode, self.grad = enc, enc.mode, autograd
         self.dtype = enc.base.dtype
         self.scratch: torch.Tensor | None = None
-        if coef_grad and not enc.sparse_grad:  # the derivative at a zero coefficient needs its term too
+        # zero coefficients may be skipped unless their derivative (which needs their term) is wanted
+        self.skip_zeros = not coef_grad or enc.sparse_grad
+        if not self.skip_zeros:
             active = torch.ones(coef.shape[2], coef.shape[1], dtype=torch.bool, device=coef.device)
         else:  # [B, T]: task t is non-zero for some sample in block b
+            if coef_grad:  # sparse_grad: 0 is the gradient at every zero coefficient, whatever the path
+                coef = torch.where(coef != 0, coef, coef.detach())
             active = (coef != 0).any(dim=0).t()
         self.tasks = active.nonzero()[:, 1]  # task ids of the (block, task) pairs, block-major
         self.task_list = self.tasks.tolist()
@@ -250,25 +278,65 @@ class _Weights:
             m = flat.view(*flat.shape[:-1], rows, -1)
             return m.transpose(-1, -2) if transposed else m
 
-        if tasks and (c.shape[0] == 1 or self._materialise(L, len(tasks))):
+        s, e = self._segment(weight)
+        fout = (e - s) // fin
+        factored = weight in self.enc.factor_ids and self.mode != "materialise"
+        samples = self._samples(c, fin, fout) if tasks and c.shape[0] > 1 and not factored else []
+        if tasks and (c.shape[0] == 1 or (not factored and self._materialise(N, L, fin, fout, samples))):
             y = self._materialised(x, mat, weight, index, c)
             return y if b is None else y + b.unsqueeze(1)
-        s, e = self._segment(weight)
         x2, shared_bias = x.reshape(N * L, fin), b is not None and b.shape[0] == 1
         y = torch.addmm(b[0], x2, mat(self.enc.base[s:e])) if shared_bias else x2 @ mat(self.enc.base[s:e])
         y3 = y.view(N, L, -1)
-        for j, t in enumerate(tasks):  # scale the narrower side of the GEMM by λ[n, t]
-            tau, scale = mat(self.enc.vectors[t, s:e].to(self.dtype)), c[:, j, None, None]
-            if fin <= y.shape[1]:
-                y.addmm_((x * scale).reshape(N * L, fin), tau)
+        if tasks and factored:
+            self._add_factored(x2, y, weight, index, c, transposed)
+        for j, t in enumerate(tasks if not factored else []):  # scale the narrower GEMM side by λ[n, t]
+            tau, picked = mat(self.enc.vectors[t, s:e].to(self.dtype)), samples[j]
+            if picked is None:  # the whole batch
+                scale = c[:, j, None, None]
+                if fin <= fout:
+                    y.addmm_((x * scale).reshape(N * L, fin), tau)
+                else:
+                    y3.addcmul_((x2 @ tau).view(N, L, -1), scale)
+                continue
+            n, scale, xs = picked.numel(), c[picked, j][:, None, None], x.index_select(0, picked)
+            if fin <= fout:
+                ys = ((xs * scale).reshape(n * L, fin) @ tau).view(n, L, fout)
             else:
-                y3.addcmul_((x2 @ tau).view(N, L, -1), scale)
+                ys = (xs.reshape(n * L, fin) @ tau).view(n, L, fout) * scale
+            y3.index_add_(0, picked, ys)
         return y3 + b.unsqueeze(1) if b is not None and not shared_bias else y3
 
-    def _materialise(self, L: int, k: int) -> bool:
+    def _samples(self, c: torch.Tensor, fin: int, fout: int) -> list[torch.Tensor | None]:
+        """Per active task of a layer: the samples its GEMM runs on, gathered (``None``: the whole batch)."""
+        if self.mode in ("composed", "materialise") or not self.skip_zeros:
+            return [None] * c.shape[1]
+        nonzero = c != 0
+        counts = nonzero.sum(dim=0).tolist()
+        gather = 1.0 + _GATHER_COST * (1.0 / fin + 1.0 / fout)
+        keep = [n < c.shape[0] and (self.mode == "sparse" or n * gather < c.shape[0]) for n in counts]
+        return [nonzero[:, j].nonzero()[:, 0] if k else None for j, k in enumerate(keep)]
+
+    def _materialise(self, N: int, L: int, fin: int, fout: int, samples: list[torch.Tensor | None]) -> bool:
         if self.mode == "materialise":
             return True
-        return self.mode == "auto" and not self.grad and (k - 0.25) * L > _MATERIALISE_COST
+        if self.mode != "auto" or self.grad:
+            return False
+        gather = 1.0 + _GATHER_COST * (1.0 / fin + 1.0 / fout)
+        composed = sum(N if rows is None else rows.numel() * gather for rows in samples) * L
+        return composed > N * (_MATERIALISE_COST + 0.25 * L)
+
+    def _add_factored(self, x2: torch.Tensor, y: torch.Tensor, weight: str, index: torch.Tensor,
+                      c: torch.Tensor, transposed: bool) -> None:
+        """``y += Σ_t c[n, t] · (x B_tᵀ) A_tᵀ`` over the active task vectors' factors, in two GEMMs."""
+        a, b = self.enc.factors(weight)  # [T, m, r], [T, r, n]: ΔW_t = a[t] @ b[t] as stored
+        if index.numel() != a.shape[0]:
+            a, b = a.index_select(0, index), b.index_select(0, index)
+        inner, outer = (b, a.transpose(1, 2)) if transposed else (a.transpose(1, 2), b)
+        (k, r, _), N = inner.shape, c.shape[0]
+        z = x2 @ inner.reshape(k * r, -1).t()  # [N·L, k·r]
+        z = (z.view(N, -1, k, r) * c[:, None, :, None]).view(x2.shape[0], k * r)
+        y.addmm_(z, outer.reshape(k * r, -1))
 
     def _materialised(self, x, mat, weight: str, index: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Per-sample weights ``W0 + Σ c·τ``, a chunk of samples at a time (all at once when ``M = 1``)."""
@@ -309,14 +377,18 @@ class ComposedEncoder(nn.Module):
 
     The tower supplies the architecture only; θ0 and τ come from ``bank`` and are kept as (non-persistent)
     buffers, so the encoder has no parameters and nothing of it reaches an optimizer. ``mode``: ``"auto"``
-    (composed GEMMs, or per-sample weights a few samples at a time for a layer where that is cheaper and no
-    gradient is needed), ``"composed"`` (always the linearity trick) or ``"materialise"`` (always per-sample
-    weights; under autograd this keeps one weight copy per sample alive for the backward pass).
+    (per layer the cheapest by a measured cost model: composed GEMMs over the whole batch or over the samples
+    that use each task vector, or, when no gradient is needed, per-sample weights a few samples at a time),
+    ``"composed"`` (always the linearity trick over the whole batch), ``"sparse"`` (the linearity trick over
+    the samples with a non-zero coefficient) or ``"materialise"`` (always per-sample weights; under autograd
+    this keeps one weight copy per sample alive for the backward pass).
 
-    Task vectors that are zero for the whole batch in a block are skipped. Under autograd they are not by
-    default, because the derivative at a zero coefficient (which a straight-through gate needs) depends on
-    them; ``sparse_grad=True`` skips them there too and returns 0 as their gradient. ``dtype`` is the
-    compute dtype (float32 by default).
+    Task vectors that are zero for the whole batch in a block are skipped, and (``"auto"`` where the cost
+    model says so, ``"sparse"`` always) a task vector's GEMM runs on only the samples where it is non-zero.
+    Under autograd zeros are not skipped by default, because the derivative at a zero coefficient (which a
+    straight-through gate needs) depends on them; ``sparse_grad=True`` skips them there too and returns 0 as
+    the gradient at every zero coefficient. A low-rank bank's factorised weights always use their factors
+    (except in ``"materialise"``). ``dtype`` is the compute dtype (float32 by default).
     """
 
     def __init__(self, visual: nn.Module, bank: TaskVectorBank, *, mode: str = "auto",
@@ -333,6 +405,16 @@ class ComposedEncoder(nn.Module):
         self.entries = {e.name: (e.block, e.offset, tuple(e.shape)) for e in bank.entries}
         self.register_buffer("base", bank.base.to(dtype), persistent=False)
         self.register_buffer("vectors", bank.vectors, persistent=False)
+        self.factor_ids = {name: i for i, name in enumerate(bank.factors)}  # a low-rank bank's factors
+        for name, i in self.factor_ids.items():
+            a, b = bank.factors[name]
+            self.register_buffer(f"factor_a{i}", a.to(dtype), persistent=False)
+            self.register_buffer(f"factor_b{i}", b.to(dtype), persistent=False)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [T, m, r], Bt [T, r, n])`` of a factorised entry of a low-rank bank."""
+        i = self.factor_ids[name]
+        return getattr(self, f"factor_a{i}"), getattr(self, f"factor_b{i}")
 
     @property
     def num_tasks(self) -> int:
@@ -365,13 +447,15 @@ class ComposedEncoder(nn.Module):
     def forward(self, images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Features ``[N, D]`` (unnormalised): what the tower returns for each image with its own weights."""
         tw = self.tower
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape [N, 3, H, W], got {list(images.shape)}")
+        _check_inputs(images, coef)
         N, _, H, W = images.shape
         (ph, pw), gh, gw = tw.patch, H // tw.patch[0], W // tw.patch[1]
         if gh * gw + 1 != tw.tokens:
             raise ValueError(f"images of size {H}x{W} give {gh * gw} patches of {ph}x{pw}; the positional "
                              f"embedding expects {tw.tokens - 1}")
+        if isinstance(coef, torch.Tensor) and coef.dim() == 3 and coef.shape[0] == N > 1 \
+                and coef.stride(0) == 0:  # expanded from one [T, B] set (aTLAS): merged once, autograd too
+            coef = coef[0]
         coef = self._coef(coef, N)
         coef_grad = torch.is_grad_enabled() and coef.requires_grad
         autograd = coef_grad or (torch.is_grad_enabled() and images.requires_grad)

@@ -21,6 +21,8 @@ from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.io import atomic_write
 
 ECE_BINS = 15
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``predict(images, task_ids) -> [N, C_max]`` class probabilities of each sample under its task's head."""
 ALPHA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 
 
@@ -65,21 +67,35 @@ def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor, eps: floa
     return (-picked.clamp_min(eps).log()).mean().item()
 
 
+def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = ECE_BINS
+                     ) -> dict[str, list[float]]:
+    """Equal-width confidence bins ``(k/M, (k+1)/M]``: mean confidence, accuracy and count of every
+    non-empty bin (the reliability diagram, and the bins ECE sums over)."""
+    confidence = torch.as_tensor(confidence).double().reshape(-1)
+    correct = torch.as_tensor(correct).double().reshape(-1)
+    which = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
+    counts = torch.bincount(which, minlength=num_bins)
+    keep = counts > 0
+    sums = {key: torch.zeros(num_bins, dtype=torch.float64).index_add_(0, which, value)
+            for key, value in (("confidence", confidence), ("accuracy", correct))}
+    out = {key: (value[keep] / counts[keep]).tolist() for key, value in sums.items()}
+    return {**out, "count": counts[keep].tolist()}
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> float:
-    """ECE with ``num_bins`` equal-width confidence bins ``(k/M, (k+1)/M]`` (Guo et al., 2017):
+    """ECE with ``num_bins`` equal-width confidence bins (Guo et al., 2017):
     ``Σ_bins |B|/N · |accuracy(B) − mean confidence(B)|``."""
     _check_pair(probs, labels)
     confidence, predicted = probs.double().max(-1)
-    correct = (predicted == labels).double()
-    bins = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
+    bins = reliability_bins(confidence, predicted == labels, num_bins)
     n = float(len(labels))
-    ece = 0.0
-    for b in range(num_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            gap = correct[in_bin].mean().item() - confidence[in_bin].mean().item()
-            ece += in_bin.sum().item() / n * abs(gap)
-    return ece
+    return sum(c / n * abs(a - m) for c, a, m in zip(bins["count"], bins["accuracy"], bins["confidence"],
+                                                     strict=True))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``−Σ p log p`` over the last dimension (``0 log 0 = 0``)."""
+    return -torch.special.xlogy(probs, probs).sum(-1)
 
 
 def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> TaskMetrics:

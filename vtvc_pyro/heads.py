@@ -70,6 +70,26 @@ class ClassificationHead:
             logit_scale = float(clip_model.logit_scale.exp())
         return cls(weight.T.cpu(), logit_scale, class_names)
 
+    @classmethod
+    def from_papers(cls, weight: torch.Tensor | None, bias: torch.Tensor | None, normalize: object,
+                    class_names: Sequence[str], source: str = "head") -> ClassificationHead:
+        """The task-arithmetic papers' head: an ``nn.Linear`` on L2-normalised features whose rows are the
+        class embeddings times ``exp(logit_scale)``. Exact as ours only if the features are normalised, the
+        bias is zero and all rows share one norm (that norm is the logit scale); anything else is refused."""
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ValueError(f"{source}: the head has no [num_classes, dim] weight")
+        if normalize is not True:
+            raise ValueError(f"{source}: the head has normalize={normalize!r}; only heads that normalise the "
+                             "features give logit_scale · cosine logits")
+        if bias is not None and bool(bias.ne(0).any()):
+            raise ValueError(f"{source}: the head has a non-zero bias; scale · cosine logits have none")
+        norms = weight.detach().double().norm(dim=1)
+        scale = float(norms.mean())
+        if not scale > 0 or float((norms - scale).abs().max()) > 1e-4 * scale:
+            raise ValueError(f"{source}: the head's rows have different norms ({float(norms.min()):.6g} to "
+                             f"{float(norms.max()):.6g}); zero-shot heads share one (the logit scale)")
+        return cls(weight, scale, class_names)
+
     def save(self, path: str | os.PathLike) -> None:
         meta = {"class_names": json.dumps(self.class_names), "logit_scale": repr(self.logit_scale)}
         with atomic_path(path) as tmp:

@@ -73,14 +73,18 @@ class SVIConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_particles", "feature_batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value > 0):
                 raise ValueError(f"svi.{name}: must be a positive integer, got {getattr(self, name)!r}")
         for name in ("kl_anneal_steps", "checkpoint_every", "seed"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"svi.{name}: must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("lr", "clip_norm", "kl_weight"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"svi.{name}: must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                               and value > 0):
+                raise ValueError(f"svi.{name}: must be > 0 and finite, got {value!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"svi.lr_decay: must be in (0, 1], got {self.lr_decay!r}")
         if self.elbo not in ELBOS:

@@ -1,27 +1,26 @@
 """Posterior summaries and predictions of a fitted VTVC guide (METHOD §7): per-sample inclusion, loc, scale
-and gate decision; per-(task, block) summaries; the deterministic gated prediction and the Monte Carlo
-predictive with entropy and mutual information; the mean coefficients per task for a merged deployable model;
-exports to pandas and ArviZ."""
+and gate decision; per-(task, block) summaries; the deterministic gated prediction (``guide.point_coef``) and
+the Monte Carlo predictive through ``pyro.infer.Predictive`` (whatever the guide samples is what is used),
+with entropy, mutual information, ``median()`` / ``quantiles()`` as Pyro's autoguides have them; the mean
+coefficients per task for a merged deployable model; exports to pandas and ArviZ (``posterior.nc``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
-from pyro import poutine
+from pyro.infer import Predictive
 from torch.utils.data import Dataset
 
+from vtvc_pyro.evaluate import Predict, entropy
 from vtvc_pyro.guide import GateSlabGuide
 from vtvc_pyro.inference import pretrained_features
 from vtvc_pyro.model import Batch, FrozenNetworks, VTVCModel, own_params
 
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(-1)
+SITES = ("gate", "slab", "coef")
 
 
 def coefficient_predictor(frozen: FrozenNetworks,
@@ -63,18 +62,17 @@ class Posterior:
             yield Batch.collate(data, positions, features0, self.device)
 
     def _draws(self, batch: Batch, num_samples: int) -> dict[str, torch.Tensor]:
-        """``num_samples`` guide draws for a batch: ``gate``, ``slab``, ``coef`` ``[S, n, T, B]`` and the
-        class probabilities ``probs`` ``[S, n, C_max]``."""
-        out: dict[str, list[torch.Tensor]] = {"gate": [], "slab": [], "coef": [], "probs": []}
-        for _ in range(num_samples):
-            trace = poutine.trace(self.guide).get_trace(batch)
-            slab = trace.nodes["slab"]["value"]
-            gate = trace.nodes["gate"]["value"] if "gate" in trace.nodes else torch.ones_like(slab)
-            coef = gate * slab
-            probs = self.frozen.logits(batch.images, batch.task, coef).softmax(-1)
-            for key, value in (("gate", gate), ("slab", slab), ("coef", coef), ("probs", probs)):
-                out[key].append(value)
-        return {key: torch.stack(values) for key, values in out.items()}
+        """``num_samples`` draws of ``pyro.infer.Predictive(model, guide)`` for a batch: ``gate``, ``slab``,
+        ``coef`` ``[S, n, T, B]`` (``gate`` all ones without a spike), ``obs`` ``[S, n]`` and the class
+        probabilities ``probs`` ``[S, n, C_max]``."""
+        unlabelled = Batch(batch.index, batch.images, batch.features0, None, batch.task, batch.num_data)
+        predictive = Predictive(self.model, guide=self.guide, num_samples=num_samples,
+                                return_sites=(*SITES, "obs", "_RETURN"))
+        draws = predictive(unlabelled)
+        out = {"slab": draws["slab"], "coef": draws["coef"], "obs": draws["obs"].reshape(num_samples, -1),
+               "probs": draws["_RETURN"].softmax(-1)}
+        out["gate"] = draws["gate"] if "gate" in draws else torch.ones_like(draws["slab"])
+        return out
 
     @torch.no_grad()
     @own_params()
@@ -150,8 +148,9 @@ class Posterior:
                    keep_draws: bool = False) -> dict[str, torch.Tensor]:
         """Monte Carlo predictive over ``num_samples`` guide draws: ``probs`` ``[N, C_max]`` (mean),
         ``entropy`` (of the mean), ``mutual_information`` (entropy minus mean per-draw entropy: the epistemic
-        part), ``labels``, ``task``; with ``keep_draws`` also ``gate``/``slab``/``coef`` ``[S, N, T, B]`` and
-        per-draw ``log_likelihood`` ``[S, N]``."""
+        part), ``labels``, ``task``; with ``keep_draws`` also ``gate``/``slab``/``coef`` ``[S, N, T, B]``, and
+        per draw ``[S, N]``: predicted ``obs``, ``log_likelihood`` of the label, ``draw_entropy``,
+        ``draw_correct``."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         features0 = self._features0(data, features0)
@@ -160,32 +159,74 @@ class Posterior:
             draws = self._draws(batch, num_samples)
             probs = draws["probs"]
             mean = probs.mean(0)
-            out = {"probs": mean, "entropy": _entropy(mean),
-                   "mutual_information": _entropy(mean) - _entropy(probs).mean(0),
+            out = {"probs": mean, "entropy": entropy(mean),
+                   "mutual_information": entropy(mean) - entropy(probs).mean(0),
                    "labels": batch.labels, "task": batch.task}
             if keep_draws:
                 picked = probs.gather(-1, batch.labels[None, :, None].expand(num_samples, -1, 1))[..., 0]
-                out.update({k: draws[k] for k in ("gate", "slab", "coef")}, log_likelihood=picked.log())
+                out.update({k: draws[k] for k in (*SITES, "obs")}, log_likelihood=picked.log(),
+                           draw_entropy=entropy(probs), draw_correct=probs.argmax(-1) == batch.labels)
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.cpu())
-        draw_keys = ("gate", "slab", "coef", "log_likelihood")
+        draw_keys = (*SITES, "obs", "log_likelihood", "draw_entropy", "draw_correct")
         return {k: torch.cat(v, dim=1 if k in draw_keys else 0) for k, v in parts.items()}
+
+    @torch.no_grad()
+    @own_params()
+    def quantiles(self, data: Dataset, quantiles: Sequence[float], num_samples: int = 100,
+                  features0: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per sample, the empirical ``quantiles`` of the sites ``gate``, ``slab``, ``coef`` over
+        ``num_samples`` posterior draws: ``[len(quantiles), N, T, B]`` (as ``AutoNormal.quantiles``)."""
+        q = torch.as_tensor(list(quantiles), dtype=torch.float64)
+        if q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):
+            raise ValueError(f"quantiles must be a non-empty list in [0, 1], got {list(quantiles)}")
+        draws = self.predictive(data, num_samples, features0, keep_draws=True)
+        return {k: torch.quantile(draws[k].double(), q, dim=0).float() for k in SITES}
+
+    def median(self, data: Dataset, num_samples: int = 100, features0: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Per sample, the posterior median of ``gate``, ``slab``, ``coef`` ``[N, T, B]``."""
+        return {k: v[0] for k, v in self.quantiles(data, [0.5], num_samples, features0).items()}
 
     def to_inference_data(self, data: Dataset, num_samples: int = 20,
                           features0: torch.Tensor | None = None) -> Any:
-        """An ArviZ ``InferenceData``: posterior draws of ``gate``, ``slab``, ``coef`` (dims sample, task,
-        block; one chain), the ``obs`` log-likelihood per draw (for ``az.loo``), observed labels and each
-        sample's data task."""
+        """An ArviZ ``InferenceData`` for ``data`` (the test samples):
+
+        - ``posterior``: draws of ``gate``, ``slab``, ``coef`` (dims chain, draw, sample, task, block);
+        - ``posterior_predictive`` / ``observed_data``: ``obs`` (predicted and true labels);
+        - ``log_likelihood``: ``obs`` per draw (for ``az.loo``);
+        - ``sample_stats``: per draw and sample, predictive ``entropy`` and ``correct``;
+        - ``constant_data``: each sample's ``data_task`` (its head's name), the guide's ``inclusion``,
+          ``loc``, ``scale`` and gate ``decision``, the predictive ``entropy`` and ``mutual_information``,
+          the prior's ``prior_inclusion`` (task, block).
+        """
         import arviz as az
 
+        features0 = self._features0(data, features0)
         pred = self.predictive(data, num_samples, features0, keep_draws=True)
+        summary = self.summarize(data, features0)
+        shape = (self.model.num_tasks, self.model.num_blocks)
+        prior_pi = self.model.prior_params()["pi"].cpu() if self.model.prior.has_spike else torch.ones(shape)
+        names = np.asarray(self.frozen.heads.task_names, dtype=str)
         dims = ["sample", "task", "block"]
+        constant = {"data_task": names[pred["task"].numpy()],
+                    "mutual_information": pred["mutual_information"].numpy(),
+                    "entropy": pred["entropy"].numpy(),
+                    "prior_inclusion": prior_pi.numpy(), "decision": summary["gate"].numpy(),
+                    **{k: summary[k].numpy() for k in ("inclusion", "loc", "scale")}}
+        per_sample = {"data_task": ["sample"], "mutual_information": ["sample"], "entropy": ["sample"],
+                      "prior_inclusion": ["task", "block"], "decision": dims,
+                      **{k: dims for k in ("inclusion", "loc", "scale")}}
         return az.from_dict(
-            posterior={k: pred[k][None].numpy() for k in ("gate", "slab", "coef")},
+            posterior={k: pred[k][None].numpy() for k in SITES},
+            posterior_predictive={"obs": pred["obs"][None].numpy()},
             log_likelihood={"obs": pred["log_likelihood"][None].numpy()},
+            sample_stats={"entropy": pred["draw_entropy"][None].numpy(),
+                          "correct": pred["draw_correct"][None].numpy()},
             observed_data={"obs": pred["labels"].numpy()},
-            constant_data={"data_task": pred["task"].numpy()},
+            constant_data=constant,
             coords={"sample": list(range(len(data))), "task": self.guide.task_names,
                     "block": self.guide.block_names},
-            dims={"gate": dims, "slab": dims, "coef": dims, "obs": ["sample"], "data_task": ["sample"]},
+            dims={**{k: dims for k in SITES}, "obs": ["sample"], "entropy": ["sample"], "correct": ["sample"],
+                  **per_sample},
         )

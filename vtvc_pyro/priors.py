@@ -193,6 +193,12 @@ class PriorSpec:
             out["overrides"].append(entry)
         return out
 
+    def without_spike(self) -> PriorSpec:
+        """The spike-free counterpart (the ``vtvc_gaussian`` ablation): the same slab and slab overrides."""
+        overrides = tuple(PriorOverride(o.tasks, o.blocks, slab_loc=o.slab_loc, slab_scale=o.slab_scale)
+                          for o in self.overrides if o.slab_loc is not None or o.slab_scale is not None)
+        return PriorSpec(kind="gaussian", slab=self.slab, overrides=overrides)
+
     @property
     def has_spike(self) -> bool:
         return self.kind == "spike_and_slab"

@@ -2,12 +2,13 @@
 local data root, in the layouts mlfoundations/task_vectors uses, with CLIP's class names and templates.
 
 Nothing is downloaded: a missing dataset raises :class:`MissingDatasetError` naming every missing path
-and the layout it must have. Val follows the literature: a seed-0 random 10 % of train (≤ 5000 images),
-removed from train.
+and the layout it must have. Val follows the papers: EuroSAT's ``EuroSAT_splits/val`` folder when it exists,
+otherwise a seed-0 random 10 % of train (≤ 5000 images), removed from train.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from vtvc_pyro.data import train_val_split
+
+log = logging.getLogger(__name__)
 
 STANDARD_TASKS = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 
@@ -107,10 +110,17 @@ LAYOUTS: dict[str, list[str]] = {
     "SVHN": ["svhn/train_32x32.mat", "svhn/test_32x32.mat"],
 }
 
+# Layouts the papers' scripts also accept, tried when the main layout is incomplete.
+ALTERNATIVE_LAYOUTS: dict[str, list[str]] = {
+    "Cars": ["stanford_cars_folder_based/train/", "stanford_cars_folder_based/test/"],
+}
+
 HINTS = {
-    "Cars": "Stanford Cars devkit and images, as torchvision.datasets.StanfordCars expects",
+    "Cars": "Stanford Cars devkit and images, as torchvision.datasets.StanfordCars expects (or the papers' "
+            "ImageFolder fallback <root>/stanford_cars_folder_based/{train,test}/<class>/*.jpg)",
     "DTD": "ImageFolder layout <root>/dtd/{train,val}/<class>/*.jpg (val is the test split)",
-    "EuroSAT": "ImageFolder layout <root>/EuroSAT_splits/{train,test}/<ClassFolder>/*.jpg",
+    "EuroSAT": "ImageFolder layout <root>/EuroSAT_splits/{train,test}/<ClassFolder>/*.jpg (and val/, the "
+               "papers' val split, when you have it)",
     "GTSRB": "the GTSRB training folders and final-test images with GT-final_test.csv",
     "MNIST": "the four uncompressed IDX files, as torchvision.datasets.MNIST expects",
     "RESISC45": "<root>/resisc45/NWPU-RESISC45/<class>/*.jpg and the split lists resisc45-{train,test}.txt",
@@ -145,8 +155,9 @@ def check_layout(name: str, root: str | os.PathLike) -> None:
     if name not in LAYOUTS:
         raise KeyError(f"unknown standard dataset {name!r}; choose one of {list(STANDARD_TASKS)}")
     root = Path(root).expanduser()
-    missing = [root / rel for rel in LAYOUTS[name]
-               if not ((root / rel).is_dir() if rel.endswith("/") else (root / rel).is_file())]
+    missing = _missing(root, LAYOUTS[name])
+    if missing and name in ALTERNATIVE_LAYOUTS and not _missing(root, ALTERNATIVE_LAYOUTS[name]):
+        return
     if missing:
         expected = "\n".join(f"  {root / rel}" for rel in LAYOUTS[name])
         raise MissingDatasetError(
@@ -154,6 +165,11 @@ def check_layout(name: str, root: str | os.PathLike) -> None:
             + ", ".join(str(p) for p in missing)
             + f"\nIt needs {HINTS[name]}:\n{expected}\nNothing is downloaded; place the files there."
         )
+
+
+def _missing(root: Path, layout: list[str]) -> list[Path]:
+    return [root / rel for rel in layout
+            if not ((root / rel).is_dir() if rel.endswith("/") else (root / rel).is_file())]
 
 
 def _image_folder(path: Path, transform, is_valid_file=None) -> Dataset:
@@ -169,6 +185,12 @@ def _folder_classes(dataset: Dataset, rename: Callable[[str], str]) -> list[str]
 def _load_raw(name: str, root: Path, transform) -> tuple[Dataset, Dataset, list[str]]:
     """The official train and test sets and the class names of one dataset."""
     import torchvision.datasets as tvd
+
+    if name == "Cars" and _missing(root, LAYOUTS["Cars"]):  # the papers' folder-based fallback
+        base = root / "stanford_cars_folder_based"
+        train = _image_folder(base / "train", transform)
+        return train, _image_folder(base / "test", transform), _folder_classes(
+            train, lambda c: c.replace("_", " "))
 
     if name == "MNIST":
         return (tvd.MNIST(str(root), train=True, transform=transform, download=False),
@@ -227,8 +249,36 @@ def load_standard_task(
     check_layout(name, data_root)
     root = Path(data_root).expanduser()
     train_full, test, class_names = _load_raw(name, root, transform)
+    val_folder = root / "EuroSAT_splits" / "val"
+    if name == "EuroSAT" and val_folder.is_dir():
+        val = _image_folder(val_folder, transform)
+        if val.classes != train_full.classes:
+            raise ValueError(f"EuroSAT class folders differ between {val_folder} ({val.classes}) and train "
+                             f"({train_full.classes})")
+        return StandardTask(name, class_names, list(TEMPLATES[name]), train_full, val, test)
+    if name == "EuroSAT":
+        log.warning("EuroSAT: %s does not exist, so val is a seed-%d random %.0f %% of train; the papers' "
+                    "checkpoints were fine-tuned on all of EuroSAT_splits/train, so this val overlaps their "
+                    "fine-tuning data", val_folder, seed, 100 * val_fraction)
     train, val = train_val_split(train_full, val_fraction, max_val, seed)
     return StandardTask(name, class_names, list(TEMPLATES[name]), train, val, test)
+
+
+def standard_class_names(name: str, data_root: str | os.PathLike | None = None) -> list[str]:
+    """CLIP's class names of a standard dataset, in label order. MNIST, SVHN, GTSRB, EuroSAT and RESISC45
+    have fixed ones; Cars, DTD and SUN397 take theirs from the data (``data_root``)."""
+    fixed = {"MNIST": DIGITS, "SVHN": DIGITS, "GTSRB": GTSRB_CLASSES,
+             "EuroSAT": [EUROSAT_CLASSES[c] for c in sorted(EUROSAT_CLASSES)],
+             "RESISC45": [c.replace("_", " ") for c in RESISC45_CLASSES]}
+    if name in fixed:
+        return list(fixed[name])
+    if name not in STANDARD_TASKS:
+        raise KeyError(f"unknown standard dataset {name!r}; choose one of {list(STANDARD_TASKS)}")
+    if data_root is None:
+        raise ValueError(f"{name}'s class names come from its data: give the data root (--data-root) or the "
+                         "class names (--class-names)")
+    check_layout(name, data_root)
+    return _load_raw(name, Path(data_root).expanduser(), None)[2]
 
 
 def load_standard_tasks(names: Sequence[str], data_root: str | os.PathLike,

@@ -10,6 +10,7 @@ import fnmatch
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +28,7 @@ BlockSpec = str | Sequence[str]
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FORMAT = "vtvc_pyro.TaskVectorBank"
 _FORMAT_VERSION = 1
+_FORMAT_VERSION_LOW_RANK = 2  # factorised entries stored as factors (written only by low-rank banks)
 _LAYER_STEM = ("conv1", "class_embedding", "positional_embedding", "patchnorm_pre_ln", "ln_pre")
 _LAYER_HEAD = ("ln_post", "proj", "attn_pool", "attn_pool_contrastive")
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
@@ -66,6 +68,28 @@ def _pattern_matcher(pattern: str) -> Callable[[str], bool]:
             raise ValueError(f"invalid block regex {pattern!r}: {err}") from err
         return lambda name: regex.fullmatch(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+# Sibling order of open_clip's VisionTransformer.state_dict(): own parameters first, then sub-modules in the
+# order they are registered; any other name sorts after these, numbers numerically.
+_MODEL_ORDER = {name: rank for names in (
+    ("class_embedding", "positional_embedding", "proj", "patchnorm_pre_ln", "conv1", "ln_pre", "transformer",
+     "attn_pool", "attn_pool_contrastive", "ln_post"),
+    ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"),
+    ("query", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+     "out_proj", "ln_q", "ln_k"),
+    ("c_fc", "c_proj"), ("resblocks",), ("weight", "bias", "gamma"),
+) for rank, name in enumerate(names)}
+
+
+def canonical_order(names: Iterable[str]) -> list[str]:
+    """``names`` in the order the pre-trained model itself lists them (open_clip's
+    ``visual.state_dict()`` order), whatever order a file stored them in."""
+    def key(name: str) -> tuple:
+        return tuple((0, int(t), "") if t.isdigit() else (1 + _MODEL_ORDER.get(t, len(_MODEL_ORDER)), 0, t)
+                     for t in name.split("."))
+
+    return sorted(names, key=key)
 
 
 def partition_blocks(names: Sequence[str], blocks: BlockSpec = "tensor") -> tuple[list[str], list[int]]:
@@ -163,6 +187,8 @@ class TaskVectorBank:
         extras: Mapping[str, torch.Tensor] | None = None,
         state_keys: Sequence[str] | None = None,
         sources: Mapping[str, Mapping[str, str]] | None = None,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        low_rank_spec: Mapping[str, float | int | None] | None = None,
     ) -> None:
         self._entries = list(entries)
         self._index = {e.name: e for e in self._entries}
@@ -188,6 +214,8 @@ class TaskVectorBank:
         self._segments = self._block_segments()
         self._vectors = vectors
         self._base = base.to(torch.float32)
+        self._factors = _check_factors(factors or {}, self._index, len(self._task_names))
+        self._low_rank_spec = dict(low_rank_spec) if self._factors or low_rank_spec else None
 
     def _block_segments(self) -> list[tuple[int, int]]:
         segments: list[list[int]] = [[-1, -1] for _ in self._block_names]
@@ -220,23 +248,33 @@ class TaskVectorBank:
         finetuned: Mapping[str, Mapping[str, torch.Tensor]],
         blocks: BlockSpec = "tensor",
         dtype: torch.dtype | str = torch.float32,
+        rank: int | None = None,
+        energy: float | None = None,
     ) -> TaskVectorBank:
-        """Build from the pre-trained state dict θ0 and ``{task_name: fine-tuned state dict}``."""
-        return cls._build(pretrained, list(finetuned), finetuned.__getitem__, blocks, dtype)
+        """Build from the pre-trained state dict θ0 and ``{task_name: fine-tuned state dict}``; ``rank`` /
+        ``energy``: see :meth:`low_rank`."""
+        bank = cls._build(pretrained, list(finetuned), finetuned.__getitem__, blocks, dtype)
+        return bank.low_rank(rank=rank, energy=energy)
 
     @classmethod
     def from_checkpoints(
         cls,
         pretrained: str | os.PathLike,
-        finetuned: Mapping[str, str | os.PathLike],
+        finetuned: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]],
         blocks: BlockSpec = "tensor",
         dtype: torch.dtype | str = torch.float32,
         trust_pickle: bool = False,
+        rank: int | None = None,
+        energy: float | None = None,
     ) -> TaskVectorBank:
         """Build from checkpoint files (read by :func:`vtvc_pyro.checkpoints.load_state_dict`), one task at
-        a time. The bank records each source file's path and SHA-256.
+        a time; ``finetuned`` maps task names to files, or lists ``(task, file)`` pairs (a repeated task
+        name is refused). The bank records each source file's path and SHA-256. ``rank`` / ``energy``: see
+        :meth:`low_rank`.
         """
         from vtvc_pyro.checkpoints import load_state_dict
+
+        finetuned = task_mapping(finetuned)
 
         def load(task: str) -> StateDict:
             return load_state_dict(finetuned[task], trust_pickle=trust_pickle)
@@ -244,7 +282,8 @@ class TaskVectorBank:
         sources = {"pretrained": {"path": str(pretrained), "sha256": sha256_file(pretrained)}}
         sources.update({t: {"path": str(p), "sha256": sha256_file(p)} for t, p in finetuned.items()})
         theta0 = load_state_dict(pretrained, trust_pickle=trust_pickle)
-        return cls._build(theta0, list(finetuned), load, blocks, dtype, sources)
+        bank = cls._build(theta0, list(finetuned), load, blocks, dtype, sources)
+        return bank.low_rank(rank=rank, energy=energy)
 
     @classmethod
     def _build(
@@ -265,7 +304,7 @@ class TaskVectorBank:
         not_tensor = [k for k, v in pretrained.items() if not isinstance(v, torch.Tensor)]
         if not_tensor:
             raise ValueError(f"pre-trained state dict: entries are not tensors: {_first(not_tensor)}")
-        names = [k for k, v in pretrained.items() if v.is_floating_point()]
+        names = canonical_order(k for k, v in pretrained.items() if v.is_floating_point())
         if not names:
             raise ValueError("pre-trained state dict has no floating-point tensors")
         block_names, block_ids = partition_blocks(names, blocks)
@@ -284,6 +323,7 @@ class TaskVectorBank:
         for t, task in enumerate(task_names):
             state = load_task(task)
             _check_task(task, pretrained, state, floats)
+            _warn_precision(task, pretrained, state, names, storage)
             for e in entries:
                 segment = slice(e.offset, e.offset + e.numel)
                 vectors[t, segment] = _flat32(state[e.name]) - base[segment]
@@ -353,9 +393,21 @@ class TaskVectorBank:
         """``{"pretrained" | task: {"path", "sha256"}}`` when built from checkpoint files, else empty."""
         return {k: dict(v) for k, v in self._sources.items()}
 
+    @property
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Low-rank banks: ``{name: (A [T, m, r], Bt [T, r, n])}`` (float32) for every factorised entry, whose
+        task vectors viewed as ``[m, n] = [shape[0], numel / shape[0]]`` are ``A[t] @ Bt[t]``; else empty."""
+        return dict(self._factors)
+
+    @property
+    def low_rank_spec(self) -> dict[str, float | int | None] | None:
+        """``{"rank": r, "energy": e}`` as given to :meth:`low_rank`; ``None`` for an exact bank."""
+        return None if self._low_rank_spec is None else dict(self._low_rank_spec)
+
     def __repr__(self) -> str:
+        low = "" if self._low_rank_spec is None else f", low_rank={self._low_rank_spec}"
         return (f"TaskVectorBank(tasks={self._task_names}, blocks={self.num_blocks}, "
-                f"params={self.num_params}, dtype={self.dtype}, device={self.device})")
+                f"params={self.num_params}, dtype={self.dtype}, device={self.device}{low})")
 
     def _entry(self, name: str) -> BlockEntry:
         try:
@@ -407,10 +459,10 @@ class TaskVectorBank:
     # ---------------------------------------------------------------- derived banks
 
     def _replace(self, vectors: torch.Tensor, base: torch.Tensor, task_names: Sequence[str],
-                 extras: Mapping[str, torch.Tensor],
-                 sources: Mapping[str, Mapping[str, str]]) -> TaskVectorBank:
+                 extras: Mapping[str, torch.Tensor], sources: Mapping[str, Mapping[str, str]],
+                 factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> TaskVectorBank:
         return TaskVectorBank(vectors, base, self._entries, self._block_names, task_names, extras,
-                              self._state_keys, sources)
+                              self._state_keys, sources, factors, self._low_rank_spec)
 
     def to(self, device: torch.device | str) -> TaskVectorBank:
         """The same bank on ``device`` (returns ``self`` if already there)."""
@@ -418,8 +470,9 @@ class TaskVectorBank:
         if device == self.device and self._base.device == device:
             return self
         extras = {k: v.to(device) for k, v in self._extras.items()}
+        factors = {k: (a.to(device), b.to(device)) for k, (a, b) in self._factors.items()}
         return self._replace(self._vectors.to(device), self._base.to(device), self._task_names, extras,
-                             self._sources)
+                             self._sources, factors)
 
     def select_tasks(self, names: Iterable[str]) -> TaskVectorBank:
         """A sub-bank with the task vectors of ``names``, in that order (knowledge-transfer protocol)."""
@@ -431,7 +484,51 @@ class TaskVectorBank:
             raise ValueError(f"select_tasks needs distinct task names, got {names}")
         index = torch.tensor([self._task_names.index(n) for n in names], device=self.device)
         sources = {k: v for k, v in self._sources.items() if k == "pretrained" or k in names}
-        return self._replace(self._vectors.index_select(0, index), self._base, names, self._extras, sources)
+        factors = {k: (a.index_select(0, index), b.index_select(0, index))
+                   for k, (a, b) in self._factors.items()}
+        return self._replace(self._vectors.index_select(0, index), self._base, names, self._extras, sources,
+                             factors)
+
+    def low_rank(self, rank: int | None = None, energy: float | None = None) -> TaskVectorBank:
+        """A bank whose task vectors are truncated SVDs (``torch.linalg.svd``) per entry; ``self`` when both
+        are ``None``.
+
+        Every entry with two or more dimensions, viewed as ``[m, n] = [shape[0], numel / shape[0]]``, keeps
+        per task its ``rank`` leading singular triplets, or the fewest whose squared singular values reach
+        the share ``energy`` of the total; the entry's rank is the largest over tasks (smaller ones padded
+        with zeros). Entries where ``r · (m + n) ≥ m · n`` and 1-D entries stay dense and exact.
+        :attr:`vectors` holds the reconstruction (merges use it); :attr:`factors` the factors, which the
+        composed forward uses and :meth:`save` stores instead of the dense columns.
+        """
+        if rank is None and energy is None:
+            return self
+        if (rank is None) == (energy is None):
+            raise ValueError(f"low_rank takes rank or energy, not both (got rank={rank!r}, "
+                             f"energy={energy!r})")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
+            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+        vectors, factors = self._vectors.clone(), {}
+        for e in self._entries:
+            if len(e.shape) < 2:
+                continue
+            m, n = e.shape[0], e.numel // e.shape[0]
+            mats = self.task_vector(e.name).reshape(self.num_tasks, m, n).to(torch.float32)
+            u, sv, vh = torch.linalg.svd(mats, full_matrices=False)
+            keep = _kept_ranks(sv, rank, energy)  # [T]
+            r = max(1, int(keep.max()))
+            if r * (m + n) >= m * n:
+                continue
+            mask = (torch.arange(r, device=sv.device) < keep[:, None]).to(sv.dtype)  # [T, r]
+            a = (u[:, :, :r] * (sv[:, :r] * mask)[:, None, :]).contiguous()
+            b = vh[:, :r].contiguous()
+            factors[e.name] = (a, b)
+            recon = torch.bmm(a, b).reshape(self.num_tasks, -1)
+            vectors[:, e.offset:e.offset + e.numel] = recon.to(self.dtype)
+        return TaskVectorBank(vectors, self._base, self._entries, self._block_names, self._task_names,
+                              self._extras, self._state_keys, self._sources, factors,
+                              {"rank": rank, "energy": None if energy is None else float(energy)})
 
     # ---------------------------------------------------------------- files
 
@@ -449,6 +546,13 @@ class TaskVectorBank:
         }
         tensors = {"vectors": self._vectors.cpu(), "base": self._base.cpu()}
         tensors.update({f"extra/{k}": v.cpu().contiguous() for k, v in self._extras.items()})
+        if self._factors:  # factorised columns are stored as their factors only
+            meta.update(version=_FORMAT_VERSION_LOW_RANK, low_rank=self._low_rank_spec,
+                        factorised=list(self._factors))
+            tensors["vectors"] = torch.cat([self.task_vector(e.name).reshape(self.num_tasks, -1).cpu()
+                                            for e in self._entries if e.name not in self._factors], dim=1)
+            for k, (a, b) in self._factors.items():
+                tensors[f"factor_a/{k}"], tensors[f"factor_b/{k}"] = a.cpu(), b.cpu()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={_FORMAT: json.dumps(meta)})
 
@@ -472,16 +576,55 @@ class TaskVectorBank:
             raise ValueError(f"cannot read task-vector bank {str(path)!r} (truncated or corrupt?): "
                              f"{err}") from err
         meta = json.loads(raw)
-        if meta.get("version") != _FORMAT_VERSION:
+        if meta.get("version") not in (_FORMAT_VERSION, _FORMAT_VERSION_LOW_RANK):
             raise ValueError(f"{str(path)!r}: unsupported bank format version {meta.get('version')!r}")
         entries = [BlockEntry(n, int(b), int(o), tuple(s)) for n, b, o, s in meta["entries"]]
         extras = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
         try:
-            bank = cls(tensors["vectors"], tensors["base"], entries, meta["block_names"], meta["task_names"],
-                       extras, meta["state_keys"], meta["sources"])
-        except (KeyError, ValueError) as err:
+            factors = {k: (tensors[f"factor_a/{k}"], tensors[f"factor_b/{k}"])
+                       for k in meta.get("factorised", [])}
+            vectors = _expand_factors(tensors["vectors"], entries, factors) if factors else tensors["vectors"]
+            bank = cls(vectors, tensors["base"], entries, meta["block_names"], meta["task_names"],
+                       extras, meta["state_keys"], meta["sources"], factors, meta.get("low_rank"))
+        except (KeyError, ValueError, RuntimeError) as err:
             raise ValueError(f"{str(path)!r}: inconsistent task-vector bank: {err}") from err
+        _check_bank_finite(bank, str(path))
         return bank.to(device)
+
+
+def task_mapping(finetuned: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]]
+                 ) -> dict[str, str | os.PathLike]:
+    """``{task: file}`` from a mapping or from ``(task, file)`` pairs, refusing a task named twice."""
+    if isinstance(finetuned, Mapping):
+        return dict(finetuned)
+    mapping: dict[str, str | os.PathLike] = {}
+    for task, path in finetuned:
+        if task in mapping:
+            raise ValueError(f"task {task!r} is given twice ({os.fspath(mapping[task])} and "
+                             f"{os.fspath(path)}); give every task once")
+        mapping[task] = path
+    return mapping
+
+
+def _warn_precision(task: str, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                    names: Sequence[str], storage: torch.dtype) -> None:
+    """Warn when a task's floating-point tensors are stored in another precision than θ0's: its task
+    vector then carries that precision's rounding error, whatever the bank's storage dtype."""
+    mixed = sorted({(str(finetuned[k].dtype), str(pretrained[k].dtype)) for k in names
+                    if finetuned[k].dtype != pretrained[k].dtype})
+    if mixed:
+        detail = ", ".join(f"{ft} where the pre-trained weights are {pre}" for ft, pre in mixed)
+        warnings.warn(f"task {task!r}: fine-tuned weights are {detail}; τ = θ_t − θ0 is computed in float32 "
+                      f"and stored as {storage}, but is only as precise as the coarser of the two",
+                      UserWarning, stacklevel=4)
+
+
+def _check_bank_finite(bank: TaskVectorBank, source: str) -> None:
+    """Raise naming the task and tensor of the first non-finite value of a loaded bank."""
+    entries = bank.entries
+    _check_finite(f"{source}: pre-trained weights", bank.base, entries)
+    for t, task in enumerate(bank.task_names):
+        _check_finite(f"{source}: task {task!r}", bank.vectors[t], entries)
 
 
 def _flat32(tensor: torch.Tensor) -> torch.Tensor:
@@ -496,3 +639,48 @@ def _check_finite(what: str, flat: torch.Tensor, entries: Sequence[BlockEntry]) 
         if not torch.isfinite(segment).all():
             bad = segment[~torch.isfinite(segment)][0].item()
             raise ValueError(f"{what}: {e.name!r} holds a non-finite value ({bad})")
+
+
+def _kept_ranks(sv: torch.Tensor, rank: int | None, energy: float | None) -> torch.Tensor:
+    """``[T]`` ranks kept per task from singular values ``sv [T, k]``: ``rank``, or the fewest leading ones
+    whose squared values reach the share ``energy`` of the total (0 for an all-zero matrix)."""
+    if rank is not None:
+        return torch.full((sv.shape[0],), min(rank, sv.shape[1]), dtype=torch.int64)
+    power = sv.double().square()
+    share = power.cumsum(dim=1) / power.sum(dim=1, keepdim=True).clamp(min=1e-300)
+    reached = share >= energy * (1 - 1e-12)  # rounding: energy=1 keeps the full rank, not one more
+    return torch.where(power.sum(dim=1) > 0, reached.double().argmax(dim=1) + 1, 0).cpu()
+
+
+def _check_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], index: Mapping[str, BlockEntry],
+                   num_tasks: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Raise naming the entry whose factors do not have the shapes ``[T, m, r]`` and ``[T, r, n]``."""
+    for name, (a, b) in factors.items():
+        if name not in index:
+            raise ValueError(f"factors for {name!r}, which is not a floating-point entry of the bank")
+        shape = index[name].shape
+        m, n = shape[0], index[name].numel // max(shape[0], 1)
+        if len(shape) < 2 or a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (num_tasks, m) \
+                or b.shape != (num_tasks, a.shape[2], n):
+            raise ValueError(f"factors of {name!r} (shape {list(shape)}) must be [T, m, r] = "
+                             f"[{num_tasks}, {m}, r] and [T, r, n] = [{num_tasks}, r, {n}], got "
+                             f"{list(a.shape)} and {list(b.shape)}")
+    return dict(factors)
+
+
+def _expand_factors(dense: torch.Tensor, entries: Sequence[BlockEntry],
+                    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The full ``[T, P]`` buffer from the dense columns of the unfactorised entries and the factors."""
+    T, P = dense.shape[0], sum(e.numel for e in entries)
+    vectors, col = torch.empty(T, P, dtype=dense.dtype), 0
+    for e in entries:
+        segment = slice(e.offset, e.offset + e.numel)
+        if e.name in factors:
+            a, b = factors[e.name]
+            vectors[:, segment] = torch.bmm(a.float(), b.float()).reshape(T, -1).to(dense.dtype)
+        else:
+            vectors[:, segment] = dense[:, col:col + e.numel]
+            col += e.numel
+    if col != dense.shape[1]:
+        raise ValueError(f"vectors holds {dense.shape[1]} dense columns, the unfactorised entries {col}")
+    return vectors

@@ -1,5 +1,6 @@
 """What every method of a run shares: the pre-trained encoder, task checkpoints, heads and data splits,
-from an embedded zoo preset or from real checkpoint files and a data root."""
+from an embedded zoo preset or from real checkpoints (an open_clip architecture, local pre-trained and
+fine-tuned image encoders, zero-shot heads from files or a full CLIP's text tower, the standard datasets)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from vtvc_pyro.experiment.config import ExperimentConfig
-from vtvc_pyro.heads import HeadBank
+from vtvc_pyro.heads import ClassificationHead, HeadBank
+from vtvc_pyro.hf_clip import is_hf_directory
 from vtvc_pyro.task_vectors import TaskVectorBank
 
 SPLITS = ("train", "val", "test")
@@ -35,6 +38,8 @@ class Benchmark:
     trust_pickle: bool = False
     input_files: dict[str, Path] = field(default_factory=dict)
     """The files whose content the results depend on, by role (see :meth:`fingerprint`)."""
+    input_identity: dict[str, Any] = field(default_factory=dict)
+    """Identities computed from contents by the source itself (an embedded zoo's content fingerprint)."""
     _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
 
     @property
@@ -51,13 +56,14 @@ class Benchmark:
             )
         return self._banks[key]
 
-    def fingerprint(self) -> dict[str, dict[str, int | str]]:
-        """Identity of every input file: size and modification time, plus the SHA-256 of files under
-        1 MB (a zoo's ``zoo.json`` lists the checksums of all its files). A resumed run compares it with
-        the one it started with, so results computed from different checkpoints are never mixed."""
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of every input: a zoo's content fingerprint (format version, configuration, tensor
+        contents), and for checkpoint files their size and modification time, plus the SHA-256 of files
+        under 1 MB. A resumed run compares it with the one it started with, so results computed from
+        different inputs are never mixed."""
         from vtvc_pyro.io import sha256_file
 
-        identity = {}
+        identity = dict(self.input_identity)
         for role, path in self.input_files.items():
             stat = path.stat()
             entry: dict[str, int | str] = {"path": str(path), "bytes": stat.st_size}
@@ -117,14 +123,56 @@ def _from_zoo(cfg: ExperimentConfig, progress: Callable[[str], None]) -> Benchma
         splits=_limit(splits, cfg),
         pretrained_path=zoo.pretrained_path,
         finetuned_paths={t: zoo.finetuned_paths[t] for t in tasks},
-        input_files={"zoo.json": zoo.root / "zoo.json"},
+        input_identity={"zoo": zoo.fingerprint()},
+    )
+
+
+def _from_checkpoints(cfg: ExperimentConfig, pretrained: Path, finetuned: Mapping[str, Path],
+                     progress: Callable[[str], None]) -> Benchmark:
+    """θ0 from ``zoo.pretrained``, task vectors from ``zoo.finetuned``, heads from ``zoo.heads`` or
+    ``zoo.clip``, data from ``zoo.data_root`` preprocessed as the architecture expects."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from vtvc_pyro.checkpoints import create_model
+    from vtvc_pyro.standard_tasks import load_standard_tasks
+
+    zoo = cfg.zoo
+    progress(f"open_clip {zoo.model}: image encoder from {pretrained}")
+    model = create_model(zoo.model, pretrained=pretrained, trust_pickle=zoo.trust_pickle).eval()
+    transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    tasks = load_standard_tasks(list(finetuned), os.path.expanduser(zoo.data_root), transform)
+    if zoo.heads:
+        heads = {t: ClassificationHead.load(os.path.expanduser(zoo.heads[t])) for t in finetuned}
+    else:
+        clip_path = Path(os.path.expanduser(zoo.clip))
+        progress(f"zero-shot heads from the text tower of {clip_path}")
+        clip = create_model(zoo.model, pretrained=clip_path, trust_pickle=zoo.trust_pickle).eval()
+        tokenizer = open_clip.get_tokenizer(zoo.model)
+        heads = {t: ClassificationHead.from_text_tower(clip, tokenizer, tasks[t].class_names,
+                                                       tasks[t].templates) for t in finetuned}
+    return Benchmark(
+        description=f"{zoo.model}, {len(finetuned)} task checkpoints",
+        source=f"{pretrained}, {len(finetuned)} fine-tuned checkpoints, data in {zoo.data_root}",
+        task_names=list(finetuned),
+        model=model,
+        heads=HeadBank(heads),
+        splits={s: {t: tasks[t].split(s) for t in finetuned} for s in SPLITS},
+        pretrained_path=pretrained,
+        finetuned_paths=dict(finetuned),
+        trust_pickle=zoo.trust_pickle,
+        input_files={"pretrained": pretrained, **{f"finetuned.{t}": Path(p) for t, p in finetuned.items()},
+                     **({f"heads.{t}": Path(os.path.expanduser(zoo.heads[t])) for t in finetuned} if zoo.heads
+                        else {"clip": Path(os.path.expanduser(zoo.clip))})},
     )
 
 
 def _check_file(path: str, key: str) -> Path:
+    """A checkpoint file, or a Hugging Face CLIP directory (``save_pretrained`` layout)."""
     resolved = Path(os.path.expanduser(path))
-    if not resolved.is_file():
-        raise FileNotFoundError(f"{key}: file not found: {resolved}")
+    if not (resolved.is_file() or is_hf_directory(resolved)):
+        raise FileNotFoundError(f"{key}: file not found: {resolved} (a checkpoint file or a Hugging Face "
+                                "CLIP directory)")
     return resolved
 
 
@@ -148,11 +196,9 @@ def load_benchmark(cfg: ExperimentConfig, progress: Callable[[str], None] = prin
     """The benchmark a config names (an embedded zoo, or real checkpoints and datasets)."""
     if cfg.zoo.preset is not None:
         return _from_zoo(cfg, progress)
-    from vtvc_pyro.experiment.real import from_checkpoints
-
     check_inputs(cfg)
     tasks = _chosen_tasks(list(cfg.zoo.finetuned), cfg.zoo.tasks)
     finetuned = {t: _check_file(cfg.zoo.finetuned[t], f"zoo.finetuned.{t}") for t in tasks}
-    bench = from_checkpoints(cfg, _check_file(cfg.zoo.pretrained, "zoo.pretrained"), finetuned, progress)
+    bench = _from_checkpoints(cfg, _check_file(cfg.zoo.pretrained, "zoo.pretrained"), finetuned, progress)
     bench.splits = _limit(bench.splits, cfg)
     return bench

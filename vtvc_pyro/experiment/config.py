@@ -1,32 +1,40 @@
-"""The experiment schema: what a ``vtvc run`` config holds, as frozen dataclasses with defaults, checks
-across keys, named method variants, and the config digest that identifies a run.
+"""The experiment schema: what a ``vtvc run`` config holds, as typed pydantic models that embed the library's
+own settings (:class:`~vtvc_pyro.inference.SVIConfig`, :class:`~vtvc_pyro.guide.GuideConfig`,
+:class:`~vtvc_pyro.priors.PriorSpec`), so each knob has one default and one check, run at load time.
 
 Every error names the offending key (``svi.stepz: unknown key; allowed: steps, lr, ...``). A config file may
 start from another one with ``extends: other.yaml`` (path relative to the file); the child's keys win.
+Overrides are dotted: ``--svi.lr=1e-3``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-
-from vtvc_pyro.experiment.typed_config import (
-    KEY_PATTERN,
-    ConfigError,
-    build,
-    check,
-    parse_override,
-    read_yaml_file,
-    set_dotted,
-    to_dict,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
 )
+
+from vtvc_pyro.evaluate import ALPHA_GRID, ECE_BINS
+from vtvc_pyro.guide import GuideConfig
+from vtvc_pyro.inference import SVIConfig
 from vtvc_pyro.priors import PriorSpec
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_override", "variant_config"]
@@ -45,17 +53,130 @@ VARIANT_SECTIONS = (
 )
 """The only keys a variant's ``set:`` may touch: the ones that change how a method is fitted."""
 
-ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+RUN_LEVEL_SVI = {"seed": "seed", "feature_batch_size": "eval.batch_size", "progress": "--quiet"}
+"""``SVIConfig`` fields a run sets itself, and where a user sets them instead."""
 
+KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_0-9][A-Za-z0-9_\-]*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-_POSITIVE = check(lambda v: v > 0, "must be > 0")
-_NON_NEGATIVE = check(lambda v: v >= 0, "must be >= 0")
-_UNIT = check(lambda v: 0 < v <= 1, "must be in (0, 1]")
-_OPTIONAL_POSITIVE = check(lambda v: v is None or v > 0, "must be > 0 or null")
+_SVI = SVIConfig()
 
 
-@dataclass(frozen=True)
-class ZooConfig:
+class ConfigError(ValueError):
+    """A config or override that does not validate; the message starts with the offending key."""
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-3`` as a float (YAML 1.1 would make it a string) and refuses duplicate keys
+    (YAML would silently keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text → data; a syntax error or a duplicate key is a :class:`ConfigError` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from err
+
+
+def read_yaml_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping from ``path``, with its ``extends:`` chain merged in (the file's own keys win)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = parse_yaml(path.read_text(), str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"extends: expected a file path, got {parent!r}")
+    return _deep_merge(read_yaml_file(path.parent / parent, (*seen, path)), raw)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s keys on top; mappings present in both are merged recursively."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``--svi.lr=1e-3`` → ``("svi.lr", 0.001)``; the value is read as a YAML scalar (or flow list/map)."""
+    body = text[2:] if text.startswith("--") else None
+    key, sep, value = (body or "").partition("=")
+    if body is None or not KEY_PATTERN.match(key):
+        raise ConfigError(f"override {text!r}: expected --key.sub=value (a dotted key, e.g. --svi.steps=200)")
+    if not sep:
+        raise ConfigError(f"{key}: override {text!r} has no value; expected --{key}=VALUE")
+    return key, parse_yaml(value, f"{key}: override value") if value.strip() else ""
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections."""
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- schema
+
+
+def _prior(value: Any) -> PriorSpec:
+    if not isinstance(value, (Mapping, PriorSpec)):
+        raise ValueError(f"expected a mapping, got {type(value).__name__} {value!r}")
+    try:
+        return PriorSpec.from_mapping(value)
+    except TypeError as err:  # a wrong type inside a nested field
+        raise ValueError(str(err)) from err
+
+
+Prior = Annotated[PriorSpec, PlainValidator(_prior), PlainSerializer(PriorSpec.to_mapping)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ZooConfig(_Section):
     """Where the pre-trained encoder, task vectors, heads and data come from.
 
     Either an embedded ``preset`` ("default", "micro"), or real checkpoints: ``model`` (open_clip name),
@@ -68,190 +189,242 @@ class ZooConfig:
     cache_dir: str | None = None
     model: str | None = None
     pretrained: str | None = None
-    finetuned: dict[str, str] = field(default_factory=dict)
+    finetuned: dict[str, str] = {}
     clip: str | None = None
-    """Full CLIP weights (text tower included) to build the zero-shot heads from."""
-    heads: dict[str, str] = field(default_factory=dict)
-    """Ready-made head files ({task: path}, ``ClassificationHead.save`` format); used instead of ``clip``."""
+    heads: dict[str, str] = {}
     trust_pickle: bool = False
     data_root: str | None = None
     tasks: tuple[str, ...] | None = None
     """Use only these tasks (in this order); null = every task of the zoo."""
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if tasks is not None:
+            if not tasks:
+                raise ValueError("must name at least one task, or be null for every task")
+            twice = sorted({t for t in tasks if tasks.count(t) > 1})
+            if twice:
+                raise ValueError(f"task {twice[0]!r} is listed twice")
+        return tasks
 
-@dataclass(frozen=True)
-class ProtocolConfig:
+    @model_validator(mode="after")
+    def _sources(self) -> ZooConfig:
+        real = ("model", "pretrained", "finetuned", "data_root", "clip", "heads")
+        if self.preset is None:
+            missing = [k for k in real[:4] if not getattr(self, k)]
+            if not self.clip and not self.heads:
+                missing.append("clip")
+            if missing:
+                raise ValueError(f"zoo.{missing[0]}: required when zoo.preset is null (real checkpoints)"
+                                 + ("; or give zoo.heads" if missing[0] == "clip" else ""))
+            lacking = [t for t in self.finetuned if self.heads and t not in self.heads]
+            if lacking:
+                raise ValueError(f"zoo.heads.{lacking[0]}: missing; give a head file for every task or none")
+        else:
+            given = [k for k in real if getattr(self, k)]
+            if given:
+                raise ValueError(f"zoo.{given[0]}: only for real checkpoints; set zoo.preset: null to use it")
+        return self
+
+
+class ProtocolConfig(_Section):
     """Task addition (one composition for all tasks) or knowledge transfer (compose the other tasks)."""
 
     name: Literal["task_addition", "knowledge_transfer"] = "task_addition"
     targets: tuple[str, ...] | None = None
     """Knowledge-transfer target tasks; null = every task."""
-    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    alpha_grid: tuple[FiniteFloat, ...] = Field(default=ALPHA_GRID, min_length=1)
     """Scaling coefficients tried for task arithmetic and TIES, chosen on val."""
-    ties_top_k: float = field(default=0.2, metadata=_UNIT)
-    max_fit_per_task: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    ties_top_k: float = Field(default=0.2, gt=0, le=1)
+    max_fit_per_task: PositiveInt | None = None
     """Cap on the fitting samples per task (a seeded subset); null = all of them."""
-    max_test_per_task: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    max_test_per_task: PositiveInt | None = None
 
 
-@dataclass(frozen=True)
-class GuideConfig:
-    """The variational family (METHOD §3) and the gating rule (§4)."""
-
-    kind: Literal["amortized", "task_level"] = "amortized"
-    hidden_dim: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
-    """Width of g_φ's hidden layer; null = feature_dim / 4."""
-    gating: Literal["gated", "ungated"] = "gated"
-    tau0: float = field(default=0.05, metadata=_NON_NEGATIVE)
-    beta: float = field(default=1.0, metadata=_NON_NEGATIVE)
-    sharpness: float = field(default=20.0, metadata=_POSITIVE)
-    temperature: float = field(default=0.5, metadata=_POSITIVE)
-    init_loc: float = 0.3
-    init_scale: float = field(default=0.05, metadata=_POSITIVE)
-    init_prob: float = field(default=0.7, metadata=check(lambda v: 0 < v < 1, "must be in (0, 1)"))
-
-
-@dataclass(frozen=True)
-class SVISettings:
-    """Stochastic variational inference (METHOD §5)."""
-
-    steps: int = field(default=300, metadata=_POSITIVE)
-    lr: float = field(default=5e-3, metadata=_POSITIVE)
-    batch_size: int = field(default=64, metadata=_POSITIVE)
-    elbo: Literal["meanfield", "trace"] = "meanfield"
-    num_particles: int = field(default=1, metadata=_POSITIVE)
-    kl_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
-    kl_anneal_steps: int = field(default=0, metadata=_NON_NEGATIVE)
-    lr_decay: float = field(default=0.1, metadata=_UNIT)
-    """Total learning-rate decay over the run (ClippedAdam's ``lrd`` is derived from it)."""
-    clip_norm: float = field(default=10.0, metadata=_POSITIVE)
-    checkpoint_every: int = field(default=50, metadata=_NON_NEGATIVE)
-    """Write an SVI checkpoint every this many steps (0: only at the end); a rerun continues from it."""
-
-
-@dataclass(frozen=True)
-class BaselineSettings:
+class BaselineSettings(_Section):
     """Training of the deterministic baselines (aTLAS, meta-network) by cross-entropy; learning-rate decay,
     gradient clipping and checkpoints follow the ``svi`` section."""
 
-    steps: int = field(default=300, metadata=_POSITIVE)
-    lr: float = field(default=5e-3, metadata=_POSITIVE)
-    batch_size: int = field(default=64, metadata=_POSITIVE)
+    steps: PositiveInt = _SVI.steps
+    lr: FiniteFloat = Field(default=_SVI.lr, gt=0)
+    batch_size: PositiveInt = _SVI.batch_size
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    batch_size: int = field(default=256, metadata=_POSITIVE)
-    mc_samples: int = field(default=0, metadata=_NON_NEGATIVE)
+class EvalSettings(_Section):
+    batch_size: PositiveInt = _SVI.feature_batch_size
+    mc_samples: Annotated[int, Field(ge=0, strict=True)] = 0
     """Monte Carlo predictive samples for the VTVC methods (0 = the deterministic gated prediction)."""
-    ece_bins: int = field(default=15, metadata=_POSITIVE)
+    posterior_draws: Annotated[int, Field(ge=1, strict=True)] = 20
+    """Posterior draws per test sample saved in ``posterior.nc``."""
+    posterior_per_task: PositiveInt = 100
+    """Test samples per task (the first ones) whose draws ``posterior.nc`` holds."""
+    ece_bins: PositiveInt = ECE_BINS
 
 
-@dataclass(frozen=True)
-class VariantConfig:
+class VariantConfig(_Section):
     """A named variant of a built-in method: ``set`` maps dotted keys to values (e.g. ``prior.pi: 0.1``)."""
 
     method: str
-    set: dict[str, Any] = field(default_factory=dict)
+    set: dict[str, Any] = {}
 
 
-def _default_prior() -> dict[str, Any]:
-    return {"kind": "spike_and_slab", "pi": 0.5, "slab": {"loc": 0.0, "scale": 1.0}}
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(_Section):
     """One experiment: zoo, protocol, methods to compare, prior, guide, SVI and evaluation settings."""
 
     name: str = "experiment"
-    seed: int = 0
-    threads: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+    seed: Annotated[int, Field(ge=0, strict=True)] = 0
+    threads: PositiveInt | None = None
     """torch intra-op threads for the run (null: torch's default). Tiny ViTs run fastest on 1."""
-    zoo: ZooConfig = field(default_factory=ZooConfig)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    zoo: ZooConfig = ZooConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
     blocks: str | tuple[str, ...] = "tensor"
     """Block partition: "tensor", "layer", or a list of parameter-name patterns."""
     methods: tuple[str, ...] = METHODS
-    variants: dict[str, VariantConfig] = field(default_factory=dict)
-    prior: dict[str, Any] = field(default_factory=_default_prior)
-    """Declarative prior (METHOD §2), passed to the Pyro core's ``PriorSpec.from_mapping``."""
-    guide: GuideConfig = field(default_factory=GuideConfig)
-    svi: SVISettings = field(default_factory=SVISettings)
-    baselines: BaselineSettings = field(default_factory=BaselineSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    variants: dict[str, VariantConfig] = {}
+    prior: Prior = PriorSpec()
+    guide: GuideConfig = GuideConfig()
+    svi: SVIConfig = _SVI
+    baselines: BaselineSettings = BaselineSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @field_validator("svi", mode="before")
+    @classmethod
+    def _svi_keys(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            for key, instead in RUN_LEVEL_SVI.items():
+                if key in value:
+                    raise ValueError(f"svi.{key}: set by the run; use {instead} instead")
+        return value
+
+    @field_serializer("svi")
+    def _svi_dump(self, svi: SVIConfig) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(svi).items() if k not in RUN_LEVEL_SVI}
+
+    @model_validator(mode="after")
+    def _across_keys(self) -> ExperimentConfig:
+        if isinstance(self.blocks, str) and self.blocks not in ("tensor", "layer"):
+            raise ValueError(f"blocks: must be tensor, layer or a list of name patterns; got {self.blocks!r}")
+        for name, variant in self.variants.items():
+            if not _NAME.match(name):
+                raise ValueError(f"variants.{name}: a variant name may hold letters, digits, '_', '-' only")
+            if name in METHODS:
+                raise ValueError(f"variants.{name}: a variant cannot take a built-in method's name")
+            if variant.method not in FITTED_METHODS:
+                raise ValueError(f"variants.{name}.method: must be one of {', '.join(FITTED_METHODS)}; "
+                                 f"got {variant.method!r}")
+        known = (*METHODS, *self.variants)
+        if not self.methods:
+            raise ValueError("methods: must name at least one method")
+        for i, method in enumerate(self.methods):
+            if method not in known:
+                raise ValueError(f"methods[{i}]: unknown method {method!r}; known: {', '.join(known)}")
+            if method in self.methods[:i]:
+                raise ValueError(f"methods[{i}]: {method!r} is listed twice")
+        if "vtvc_merged" in self.methods and "vtvc" not in self.methods:
+            raise ValueError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
+        if self.prior.relaxed and self.guide.gating == "gated":
+            raise ValueError("guide.gating: a relaxed spike (prior.temperature) needs a stochastic gating")
+        return self
+
+    def svi_config(self, *, progress: bool = True) -> SVIConfig:
+        """The SVI engine's settings for this run (the run-level seed and feature batch size filled in)."""
+        return dataclasses.replace(self.svi, seed=self.seed, feature_batch_size=self.eval.batch_size,
+                                   progress=progress)
 
 
-def to_yaml(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML (what a run directory's ``config.yaml`` holds)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+# ---------------------------------------------------------------- errors, loading, variants
 
 
-def digest(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config: two runs are the same run iff their digests agree."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+def _fields_at(loc: Sequence[Any]) -> list[str] | None:
+    """The keys allowed at ``loc`` in the schema (for 'unknown key' errors), or None."""
+    node: Any = ExperimentConfig
+    for part in loc:
+        if not (isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields):
+            return None
+        node = node.model_fields[part].annotation
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    if dataclasses.is_dataclass(node):
+        hidden = RUN_LEVEL_SVI if node is SVIConfig else {}
+        return [f.name for f in dataclasses.fields(node) if f.name not in hidden]
+    return None
 
 
-def _validate(cfg: ExperimentConfig) -> None:
-    """Checks across keys (those within one key are field metadata)."""
-    zoo = cfg.zoo
-    real = ("model", "pretrained", "finetuned", "data_root", "clip", "heads")
-    if zoo.preset is None:
-        missing = [k for k in real[:4] if not getattr(zoo, k)]
-        if not zoo.clip and not zoo.heads:
-            missing.append("clip")
-        if missing:
-            raise ConfigError(f"zoo.{missing[0]}: required when zoo.preset is null (real checkpoints)"
-                              + ("; or give zoo.heads" if missing[0] == "clip" else ""))
-        lacking = [t for t in zoo.finetuned if zoo.heads and t not in zoo.heads]
-        if lacking:
-            raise ConfigError(f"zoo.heads.{lacking[0]}: missing; give a head file for every task or none")
+def _message(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key: what is wrong``."""
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    kind, msg = error["type"], error["msg"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = _fields_at(loc[:-1])
+        return f"{key}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    if not key or msg.startswith(f"{key}.") or msg.startswith(f"{key}:") or msg.startswith(f"{key}["):
+        return msg
+    if re.match(r"^[A-Za-z_][\w.\[\]]*: ", msg):
+        section = key.split(".")[0]
+        return f"{key}.{msg}" if not msg.startswith(f"{section}.") else msg
+    value = error.get("input")
+    shown = "" if isinstance(value, Mapping) else f"; got {value!r}"
+    return f"{key}: {msg[0].lower()}{msg[1:]}{shown}"
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (``int | None`` → {int, NoneType}; ``Annotated`` unwrapped)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation}
+
+
+def _refuse_coercion(raw: Any, node: Any, prefix: str = "") -> None:
+    """Refuse what pydantic's lax mode would silently convert: a bool or a string where a number is
+    expected, a number or string where a bool is."""
+    if not isinstance(raw, Mapping):
+        return
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        hints = {k: f.annotation for k, f in node.model_fields.items()}
+    elif dataclasses.is_dataclass(node):
+        hints = typing.get_type_hints(node)
     else:
-        given = [k for k in real if getattr(zoo, k)]
-        if given:
-            raise ConfigError(f"zoo.{given[0]}: only for real checkpoints; set zoo.preset: null to use it")
-    if zoo.tasks is not None and len(set(zoo.tasks)) != len(zoo.tasks):
-        raise ConfigError(f"zoo.tasks: duplicate task names in {list(zoo.tasks)}")
-    if not cfg.protocol.alpha_grid:
-        raise ConfigError("protocol.alpha_grid: must not be empty")
-    if isinstance(cfg.blocks, str) and cfg.blocks not in ("tensor", "layer"):
-        raise ConfigError(f"blocks: must be tensor, layer or a list of name patterns; got {cfg.blocks!r}")
-    for name, variant in cfg.variants.items():
-        if not _NAME.match(name):
-            raise ConfigError(f"variants.{name}: a variant name may hold letters, digits, '_' and '-' only")
-        if name in METHODS:
-            raise ConfigError(f"variants.{name}: a variant cannot take a built-in method's name")
-        if variant.method not in FITTED_METHODS:
-            raise ConfigError(
-                f"variants.{name}.method: must be one of {', '.join(FITTED_METHODS)}; got {variant.method!r}"
-            )
-    known = (*METHODS, *cfg.variants)
-    if not cfg.methods:
-        raise ConfigError("methods: must name at least one method")
-    for i, method in enumerate(cfg.methods):
-        if method not in known:
-            raise ConfigError(f"methods[{i}]: unknown method {method!r}; known: {', '.join(known)}")
-        if method in cfg.methods[:i]:
-            raise ConfigError(f"methods[{i}]: {method!r} is listed twice")
-    if "vtvc_merged" in cfg.methods and "vtvc" not in cfg.methods:
-        raise ConfigError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
-    if "kind" not in cfg.prior:
-        raise ConfigError("prior.kind: required (e.g. spike_and_slab, gaussian)")
-    try:
-        prior = PriorSpec.from_mapping(cfg.prior)
-    except (TypeError, ValueError) as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith("prior") else f"prior.{message}") from err
-    if prior.relaxed and cfg.guide.gating == "gated":
-        raise ConfigError("guide.gating: a relaxed spike (prior.temperature) needs gating: ungated")
+        return
+    for key, value in raw.items():
+        if key not in hints:
+            continue
+        where, kinds = f"{prefix}{key}", _kinds(hints[key])
+        numeric = kinds & {int, float} and not kinds & {str, bool}
+        if (numeric and isinstance(value, (bool, str))) or (kinds & {bool} and not isinstance(value, bool)
+                                                             and not kinds - {bool, type(None)}
+                                                             and value is not None):
+            raise ConfigError(f"{where}: expected {' or '.join(sorted(k.__name__ for k in kinds))}, got "
+                              f"{type(value).__name__} {value!r}")
+        for kind in kinds:
+            _refuse_coercion(value, kind, f"{where}.")
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping (and every variant it declares) into an :class:`ExperimentConfig`."""
-    cfg = build(ExperimentConfig, raw)
-    _validate(cfg)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    _refuse_coercion(raw, ExperimentConfig)
+    try:
+        cfg = ExperimentConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(_message(err.errors()[0])) from None
     for name in cfg.variants:
         variant_config(cfg, name)
     return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A config as plain YAML/JSON data (what ``from_dict`` reads back)."""
+    return cfg.model_dump(mode="json")
 
 
 def variant_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
@@ -270,18 +443,29 @@ def variant_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
         except ConfigError as err:
             raise ConfigError(f"variants.{method}.set: {err}") from err
     try:
-        resolved = build(ExperimentConfig, raw)
-        _validate(resolved)
+        _refuse_coercion(raw, ExperimentConfig)
+        return ExperimentConfig.model_validate(raw)
     except ConfigError as err:
-        raise ConfigError(f"variants.{method}.set: {err}") from err
-    return resolved
+        raise ConfigError(f"variants.{method}.set: {err}") from None
+    except ValidationError as err:
+        raise ConfigError(f"variants.{method}.set: {_message(err.errors()[0])}") from None
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what a run directory's ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
+def digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config: two runs are the same run iff their digests agree."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config, apply ``--key.sub=value`` overrides in order, validate, return it frozen."""
     raw = read_yaml_file(Path(path))
-    raw.setdefault("prior", _default_prior())  # so that ``--prior.pi=0.2`` edits the default prior
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
     return from_dict(raw)
+

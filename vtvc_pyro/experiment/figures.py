@@ -1,66 +1,101 @@
-"""The figures of a run directory, drawn from its result and posterior files (so a resumed or finished run
-can be re-plotted): accuracy per method, reliability, and per VTVC method the tasks × blocks inclusion and
-gate-activity heatmaps and the per-sample coefficient distributions."""
+"""The figures of a run directory, drawn from its files alone (so ``vtvc plot RUN`` redraws a finished or
+resumed run): accuracy per method, reliability, accuracy vs sparsity, training curves, and per VTVC method
+(from its ``posterior.nc``) prior vs posterior inclusion per task × layer, coefficient credible intervals,
+gate activity and the per-sample coefficient distributions."""
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
+import numpy as np
+import yaml
 
 from vtvc_pyro.experiment import plots
-from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.experiment.rundir import RunDirectory
 
-POSTERIOR_METHODS = ("vtvc", "vtvc_stochastic", "vtvc_gaussian")
+CREDIBLE_MASS = 0.9
 
 
-def load_samples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A ``samples.safetensors`` written by a VTVC method: per test sample ``inclusion``, ``loc``,
-    ``scale``, ``gate``, ``coef`` ``[N, T, B]`` and ``task``, ``label``, ``confidence``, ``correct``,
-    ``entropy`` ``[N]``; metadata ``task_names`` (task vectors), ``block_names``, ``data_tasks`` (what
-    ``task`` indexes)."""
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-    return tensors, meta
+def load_posterior(path: str | Path) -> Any:
+    """A VTVC method's ``posterior.nc`` as ArviZ ``InferenceData`` (see ``Posterior.to_inference_data``)."""
+    import arviz as az
+
+    return az.from_netcdf(str(path))
 
 
-def posterior_samples(run: RunDirectory, method: str) -> dict[str, Path]:
-    """``{problem: samples.safetensors}`` of a VTVC method in a run directory."""
+def posterior_files(run: RunDirectory, method: str) -> dict[str, Path]:
+    """``{problem: posterior.nc}`` of a method in a run directory (empty for methods without one)."""
     root = run.posterior_dir(method)
-    return {p.name: p / "samples.safetensors" for p in sorted(root.glob("*"))
-            if (p / "samples.safetensors").is_file()}
+    return {p.parent.name: p for p in sorted(root.glob("*/posterior.nc"))}
 
 
-def draw_figures(run: RunDirectory, cfg: ExperimentConfig, results: Mapping[str, Mapping[str, Any]],
-                 rows: Mapping[str, Mapping[str, Any]], tasks: list[str]) -> list[Path]:
-    """Draw every figure of the run into ``plots/``; returns the paths."""
+def _elbo(path: Path) -> list[float]:
+    with open(path, newline="") as handle:
+        return [float(row["elbo_per_datum"]) for row in csv.DictReader(handle)]
+
+
+def _posterior_figures(run: RunDirectory, method: str, problem: str, path: Path) -> list[Path]:
+    idata = load_posterior(path)
+    post, const = idata.posterior, idata.constant_data
+    tasks, blocks = [str(t) for t in post["task"].values], [str(b) for b in post["block"].values]
+    stem = run.plots_dir / (method if problem == "all" else f"{method}_{problem}")
+    written = []
+    coef = post["coef"].values.reshape(-1, *post["coef"].shape[2:])  # [draws, N, T, B]
+    if not bool((const["inclusion"].values == 1).all()):  # a spike: inclusion and gating are informative
+        prior, layers = plots.by_layer(const["prior_inclusion"].values, blocks)
+        posterior, _ = plots.by_layer(const["inclusion"].values.mean(0), blocks)
+        written.append(Path(f"{stem}_inclusion.png"))
+        plots.prior_posterior_inclusion(prior, posterior, tasks, layers, written[-1],
+                                        f"{method}: inclusion per task vector and layer")
+        written.append(Path(f"{stem}_active.png"))
+        plots.inclusion_heatmap(const["decision"].values.mean(0), tasks, blocks, written[-1],
+                                f"{method}: share of test samples whose gate keeps the component")
+    per_layer, layers = plots.by_layer(coef, blocks)  # [draws, N, T, L]
+    flat = per_layer.reshape(-1, *per_layer.shape[2:])
+    tail = (1 - CREDIBLE_MASS) / 2
+    low, mid, high = np.quantile(flat, [tail, 0.5, 1 - tail], axis=0)
+    written.append(Path(f"{stem}_intervals.png"))
+    plots.credible_intervals(low, mid, high, tasks, layers, written[-1],
+                             f"{method}: coefficient per layer, median and {CREDIBLE_MASS:.0%} credible "
+                             "interval (draws × test samples)")
+    data_task = [str(t) for t in const["data_task"].values]
+    groups = list(dict.fromkeys(data_task))
+    written.append(Path(f"{stem}_coefficients.png"))
+    group_ids = np.array([groups.index(t) for t in data_task])
+    plots.coefficient_distributions((const["decision"] * const["loc"]).values, group_ids, tasks, groups,
+                                    written[-1], f"{method}: per-sample coefficients (test)")
+    return written
+
+
+def draw_figures(run: RunDirectory | str | Path) -> list[Path]:
+    """Draw every figure of a run directory into ``plots/``; returns the paths."""
+    run = run if isinstance(run, RunDirectory) else RunDirectory(run)
+    metrics_path = run.root / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path}: not found; is {run.root} a finished vtvc run?")
+    metrics = json.loads(metrics_path.read_text())
+    config = yaml.safe_load((run.root / "config.yaml").read_text()) or {}
+    rows, tasks = metrics["methods"], metrics["tasks"]
+    results = {m: json.loads(run.result_path(m).read_text()) for m in rows}
     out = run.plots_dir
     written = [out / "accuracy.png", out / "reliability.png"]
     plots.accuracy_bars({m: {t: rows[m]["tasks"][t]["accuracy"] for t in tasks} for m in rows}, written[0])
-    plots.reliability_diagram({m: results[m]["reliability"] for m in rows}, written[1], cfg.eval.ece_bins)
+    plots.reliability_diagram({m: results[m]["reliability"] for m in rows}, written[1],
+                              config.get("eval", {}).get("ece_bins", 15))
+    sparse = {m: (r["sparsity"], r["mean_accuracy"]) for m, r in rows.items()
+              if r.get("sparsity") is not None}
+    if sparse:
+        written.append(out / "accuracy_vs_sparsity.png")
+        plots.accuracy_vs_sparsity(sparse, written[-1])
+    curves = {f"{m}" + ("" if p.parent.name == "all" else f"/{p.parent.name}"): _elbo(p)
+              for m in rows for p in sorted(run.posterior_dir(m).glob("*/elbo.csv"))}
+    if curves:
+        written.append(out / "objective.png")
+        plots.objective_curves(curves, written[-1])
     for method in rows:
-        if results[method]["runs"] not in POSTERIOR_METHODS:
-            continue
-        for problem, path in posterior_samples(run, method).items():
-            samples, meta = load_samples(path)
-            stem = method if problem == "all" else f"{method}_{problem}"
-            if not bool((samples["inclusion"] == 1).all()):  # a spike: inclusion and gating are informative
-                written.append(out / f"{stem}_inclusion.png")
-                plots.inclusion_heatmap(samples["inclusion"].mean(0).numpy(), meta["task_names"],
-                                        meta["block_names"], written[-1],
-                                        f"{method}: mean inclusion probability sigmoid(ℓ) over test samples")
-                written.append(out / f"{stem}_active.png")
-                plots.inclusion_heatmap(samples["gate"].mean(0).numpy(), meta["task_names"],
-                                        meta["block_names"], written[-1],
-                                        f"{method}: share of test samples whose gate keeps the component")
-            written.append(out / f"{stem}_coefficients.png")
-            plots.coefficient_distributions(samples["coef"].numpy(), samples["task"].numpy(),
-                                            meta["task_names"], meta["data_tasks"], written[-1],
-                                            f"{method}: per-sample coefficients (test)")
+        for problem, path in posterior_files(run, method).items():
+            written += _posterior_figures(run, method, problem, path)
     return written

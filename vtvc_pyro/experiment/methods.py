@@ -1,6 +1,12 @@
-"""The compared methods (METHOD §8), each ``method(ctx, problem) -> Outcome`` on the problem's bank, heads
-and splits. Merged weights are scored as a plain open_clip tower; sample-specific coefficients through the
-composed encoder. The Pyro methods save their fitted parameters and posterior summaries as they finish."""
+"""The compared methods (METHOD §8) as registered :class:`Method` objects, ``solve(ctx, problem) -> Outcome``
+on the problem's bank, heads and splits. A method that others build on hands them an in-memory product (the
+fine-tuned reference, vtvc's per-task coefficients) through ``Outcome.product``; ``needs`` declares who uses
+whose, and ``restore`` rebuilds a product from the producer's own files when it finished in an earlier
+invocation. Every piece of work runs inside ``ctx.timer("fit" | "eval" | "save")``.
+
+Merged weights are scored as a plain open_clip tower; sample-specific coefficients through the composed
+encoder. The VTVC family writes ``posterior.nc`` (ArviZ) for its test samples.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +14,68 @@ import copy
 import csv
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Subset
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.compose import ComposedEncoder
 from vtvc_pyro.data import MultiTaskDataset
-from vtvc_pyro.evaluate import TaskMetrics, evaluate_encoder, select_alpha
-from vtvc_pyro.experiment.config import BaselineSettings, SVISettings
+from vtvc_pyro.evaluate import Predict, TaskMetrics, evaluate_encoder, select_alpha
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
     CoefficientStats,
-    Predict,
     Scores,
     encoder_predictor,
     predict_dataset,
     scores_from_probs,
 )
-from vtvc_pyro.gating import ImportanceUncertaintyFilter
-from vtvc_pyro.guide import UNGATED, AmortizedGuide, GateSlabGuide, TaskLevelGuide
-from vtvc_pyro.inference import PER_DATUM, STEP_FIELDS, FitResult, SVIConfig, fit_svi
+from vtvc_pyro.guide import GATINGS, build_guide
+from vtvc_pyro.inference import FitResult, fit_svi
 from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
 from vtvc_pyro.model import VTVCModel
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
+from vtvc_pyro.priors import PriorSpec
 
-Method = Callable[[Context, Problem], Outcome]
+UNGATED = GATINGS[1]
+"""The guide's gating mode with sampled gates (``vtvc_stochastic``, the ablation without gating)."""
+
+POSTERIOR_FILE = "posterior.nc"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method. ``needs``: methods whose products ``solve`` reads (``ctx.product``); ``restore(ctx,
+    problem, result)``: this method's product rebuilt from its result and files; ``posterior``: writes
+    ``posterior.nc``."""
+
+    name: str
+    solve: Callable[[Context, Problem], Outcome]
+    needs: tuple[str, ...] = ()
+    restore: Callable[[Context, Problem, Mapping[str, Any]], Any] | None = None
+    posterior: bool = False
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, needs: tuple[str, ...] = (), restore: Callable | None = None,
+             posterior: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: register ``solve`` as the method ``name``."""
+
+    def add(solve: Callable[[Context, Problem], Outcome]) -> Callable[[Context, Problem], Outcome]:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        REGISTRY[name] = Method(name, solve, needs, restore, posterior)
+        return solve
+
+    return add
 
 
 # ---------------------------------------------------------------- shared steps
@@ -60,36 +96,29 @@ def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks
                             ctx.cfg.eval.batch_size)
 
 
-def _svi_config(ctx: Context, settings: SVISettings | BaselineSettings) -> SVIConfig:
-    svi = ctx.cfg.svi
-    bayesian = isinstance(settings, SVISettings)
-    return SVIConfig(
-        steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, lr_decay=svi.lr_decay,
-        clip_norm=svi.clip_norm, elbo=svi.elbo if bayesian else "trace",
-        num_particles=svi.num_particles if bayesian else 1, kl_weight=svi.kl_weight if bayesian else 1.0,
-        kl_anneal_steps=svi.kl_anneal_steps if bayesian else 0, seed=ctx.cfg.seed,
-        checkpoint_every=svi.checkpoint_every, feature_batch_size=ctx.cfg.eval.batch_size,
-        progress=ctx.progress,
-    )
-
-
-def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable,
-         settings: SVISettings | BaselineSettings) -> FitResult:
-    """SVI on the problem's fit data, continuing from the method's checkpoint if a previous run left one."""
-    fit = fit_svi(model, guide, problem.joined("fit"), _svi_config(ctx, settings),
-                  features0=ctx.features(problem, "fit"), checkpoint_path=ctx.checkpoint_path(problem))
+def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool
+         ) -> FitResult:
+    """SVI on the problem's fit data, continuing from the method's checkpoint if a previous run left one. The
+    deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO (no latents)."""
+    config = ctx.cfg.svi_config(progress=ctx.progress)
+    if not bayesian:
+        b = ctx.cfg.baselines
+        config = dataclasses.replace(config, steps=b.steps, lr=b.lr, batch_size=b.batch_size, elbo="trace",
+                                     num_particles=1, kl_weight=1.0, kl_anneal_steps=0)
+    fit = fit_svi(model, guide, problem.joined("fit"), config, features0=ctx.features(problem, "fit"),
+                  checkpoint_path=ctx.checkpoint_path(problem))
     if fit.start_step:
         ctx.log(f"{ctx.name}/{problem.name}: resumed SVI from its checkpoint at step {fit.start_step}")
     return fit
 
 
 def _fit_details(fit: FitResult) -> dict[str, Any]:
-    final = {f"final_{name}_per_datum": getattr(fit.history[-1], name) for name in PER_DATUM}
-    return {"steps": fit.steps, "resumed_from_step": fit.start_step, **final}
+    return {"steps": fit.steps, "resumed_from_step": fit.start_step, "final_elbo_per_datum": fit.elbo[-1]}
 
 
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
-                  ) -> None:
+def save_tensors(path: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+                 ) -> None:
+    """Tensors as safetensors (atomically), metadata values JSON-encoded."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -100,64 +129,77 @@ def _save_fit(ctx: Context, problem: Problem, module: torch.nn.Module, fit: FitR
     """``fitted.safetensors`` (the module's parameters and buffers) and ``elbo.csv`` (per step)."""
     out = ctx.artifact_dir(problem)
     meta = {"task_names": problem.bank.task_names, "block_names": problem.bank.block_names, **metadata}
-    _save_tensors(out / "fitted.safetensors", module.state_dict(), meta)
+    save_tensors(out / "fitted.safetensors", module.state_dict(), meta)
     with atomic_write(out / "elbo.csv", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(STEP_FIELDS)
-        writer.writerows(dataclasses.astuple(record) for record in fit.history)
+        writer.writerow(["step", "elbo_per_datum"])
+        writer.writerows((i + 1, value) for i, value in enumerate(fit.elbo))
 
 
 def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict]) -> Outcome:
     """Choose α on val by mean normalised accuracy, then score the merged tower on test once. Tasks whose
     fine-tuned model scores 0 on val cannot be normalised and are left out of the choice (with a note)."""
-    reference = ctx.finetuned_val_accuracy(problem)
-    usable = [t for t in problem.tasks if reference[t] > 0]
+    reference: FinetunedReference = ctx.product("finetuned", problem)
+    usable = [t for t in problem.tasks if reference.val_accuracy[t] > 0]
     if not usable:
         raise ValueError(f"{problem.name}: every fine-tuned model scores 0 on its val split; α cannot be "
                          "chosen by normalised accuracy (protocol.max_fit_per_task too small?)")
     if len(usable) < len(problem.tasks):
         ctx.log(f"{ctx.name}: fine-tuned val accuracy is 0 for {sorted(set(problem.tasks) - set(usable))}; "
                 "α is chosen on the other tasks")
-    work = copy.deepcopy(ctx.bench.visual)
+    with ctx.timer("fit"):
+        work = copy.deepcopy(ctx.bench.visual)
 
-    def at(alpha: float) -> dict[str, TaskMetrics]:
-        work.load_state_dict(merge(alpha))
-        return _val_metrics(ctx, problem, work, usable)
+        def at(alpha: float) -> dict[str, TaskMetrics]:
+            work.load_state_dict(merge(alpha))
+            return _val_metrics(ctx, problem, work, usable)
 
-    start = time.perf_counter()
-    chosen = select_alpha(at, {t: reference[t] for t in usable}, ctx.cfg.protocol.alpha_grid)
-    fitted = time.perf_counter()
-    work.load_state_dict(merge(chosen.alpha))
-    scores = _scores(ctx, problem, encoder_predictor(work, problem.heads))
+        chosen = select_alpha(at, {t: reference.val_accuracy[t] for t in usable}, ctx.cfg.protocol.alpha_grid)
+        work.load_state_dict(merge(chosen.alpha))
+    with ctx.timer("eval"):
+        scores = _scores(ctx, problem, encoder_predictor(work, problem.heads))
     details = {"alpha": chosen.alpha, "val_score": chosen.score,
                "val_scores": {f"{a:g}": s for a, s in chosen.scores.items()}}
-    return Outcome(scores, fitted - start, time.perf_counter() - fitted, details=details)
+    return Outcome(scores, details=details)
 
 
 # ---------------------------------------------------------------- references and classic merges
 
 
+@register("zeroshot")
 def zeroshot(ctx: Context, problem: Problem) -> Outcome:
     """The pre-trained encoder θ0."""
-    start = time.perf_counter()
-    scores = _scores(ctx, problem, encoder_predictor(ctx.bench.visual, problem.heads))
-    return Outcome(scores, 0.0, time.perf_counter() - start)
+    with ctx.timer("eval"):
+        return Outcome(_scores(ctx, problem, encoder_predictor(ctx.bench.visual, problem.heads)))
 
 
+@dataclass(frozen=True)
+class FinetunedReference:
+    """The fine-tuned models' val accuracy per task: the normaliser for α selection."""
+
+    val_accuracy: dict[str, float]
+
+
+def _restore_reference(ctx: Context, problem: Problem, result: Mapping[str, Any]) -> FinetunedReference:
+    return FinetunedReference(dict(result["details"][problem.name]["val_accuracy"]))
+
+
+@register("finetuned", restore=_restore_reference)
 def finetuned(ctx: Context, problem: Problem) -> Outcome:
     """Each task's own fine-tuned encoder θ_t: the upper bound that normalises accuracy (val and test)."""
-    work = copy.deepcopy(ctx.bench.visual)
     parts, val_accuracy = [], {}
-    start = time.perf_counter()
-    for task in problem.tasks:
-        work.load_state_dict(ctx.bench.finetuned_state_dict(task))
-        val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
-        predict = encoder_predictor(work, problem.heads)
-        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
-    details = {"val_accuracy": val_accuracy}
-    return Outcome(Scores.concat(parts), 0.0, time.perf_counter() - start, details=details)
+    with ctx.timer("eval"):
+        work = copy.deepcopy(ctx.bench.visual)
+        for task in problem.tasks:
+            work.load_state_dict(ctx.bench.finetuned_state_dict(task))
+            val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
+            predict = encoder_predictor(work, problem.heads)
+            parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
+    return Outcome(Scores.concat(parts), details={"val_accuracy": val_accuracy},
+                   product=FinetunedReference(val_accuracy))
 
 
+@register("task_arithmetic", needs=("finetuned",))
 def task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
     """θ0 + α Σ_t τ_t, α chosen on val."""
     bank = problem.bank
@@ -167,11 +209,13 @@ def task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
     return outcome
 
 
+@register("ties", needs=("finetuned",))
 def ties(ctx: Context, problem: Problem) -> Outcome:
     """TIES-merging (top-k trim, sign election, disjoint mean), scaled by α chosen on val."""
     bank = problem.bank
-    base = bank.pretrained_state_dict()
-    full = ties_merging(bank, top_k=ctx.cfg.protocol.ties_top_k, alpha=1.0)  # θ0 + merged τ
+    with ctx.timer("fit"):
+        base = bank.pretrained_state_dict()
+        full = ties_merging(bank, top_k=ctx.cfg.protocol.ties_top_k, alpha=1.0)  # θ0 + merged τ
 
     def merge(alpha: float) -> dict[str, torch.Tensor]:
         return {k: base[k] + alpha * (full[k] - base[k]) if base[k].is_floating_point() else base[k]
@@ -185,149 +229,128 @@ def ties(ctx: Context, problem: Problem) -> Outcome:
 
 def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -> Outcome:
     """A deterministic baseline fitted by cross-entropy (SVI with an empty guide) and scored on test."""
-    fit = _fit(ctx, problem, model, empty_guide, ctx.cfg.baselines)
-    start = time.perf_counter()
-    scores = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
-    stats = CoefficientStats().add(model.point_coef(ctx.features(problem, "test")))
-    eval_seconds = time.perf_counter() - start
-    _save_fit(ctx, problem, model, fit, {"method": ctx.name})
-    return Outcome(scores, fit.seconds, eval_seconds, stats, _fit_details(fit))
+    with ctx.timer("fit"):
+        fit = _fit(ctx, problem, model, empty_guide, bayesian=False)
+    with ctx.timer("eval"):
+        scores = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
+        stats = CoefficientStats().add(model.point_coef(ctx.features(problem, "test")))
+    with ctx.timer("save"):
+        _save_fit(ctx, problem, model, fit, {"method": ctx.name})
+    return Outcome(scores, stats, _fit_details(fit))
 
 
+@register("atlas")
 def atlas(ctx: Context, problem: Problem) -> Outcome:
     """aTLAS: task-level λ ∈ R^{T×B}, initialised at 0, learned by cross-entropy on the fit data."""
-    bank = problem.bank
-    encoder = ComposedEncoder(ctx.bench.visual, bank)
-    return _learned(ctx, problem, ATLASModel(encoder, problem.heads, bank.task_names, bank.block_names))
+    with ctx.timer("fit"):
+        bank = problem.bank
+        model = ATLASModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads, bank.task_names,
+                           bank.block_names)
+    return _learned(ctx, problem, model)
 
 
+@register("metanet")
 def metanet(ctx: Context, problem: Problem) -> Outcome:
     """The deterministic meta-network: the guide's g_φ outputs λ_n directly, cross-entropy only."""
-    bank = problem.bank
-    encoder = ComposedEncoder(ctx.bench.visual, bank)
-    model = MetaNetModel(encoder, problem.heads, ctx.features(problem, "fit").shape[1], bank.task_names,
-                         bank.block_names, hidden_dim=ctx.cfg.guide.hidden_dim,
-                         init_coef=ctx.cfg.guide.init_loc)
+    with ctx.timer("fit"):
+        bank = problem.bank
+        model = MetaNetModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads,
+                             ctx.features(problem, "fit").shape[1], bank.task_names, bank.block_names,
+                             hidden_dim=ctx.cfg.guide.hidden_dim, init_coef=ctx.cfg.guide.init_loc)
     return _learned(ctx, problem, model)
 
 
 # ---------------------------------------------------------------- VTVC
 
 
-def gaussian_prior(prior: Mapping[str, Any]) -> dict[str, Any]:
-    """The spike-free counterpart of a prior mapping: the same slab (and slab overrides), no spike."""
-    out: dict[str, Any] = {"kind": "gaussian"}
-    if "slab" in prior:
-        out["slab"] = dict(prior["slab"])
-    overrides = [{k: v for k, v in o.items() if k in ("tasks", "blocks", "slab")}
-                 for o in prior.get("overrides") or () if "slab" in o]
-    if overrides:
-        out["overrides"] = overrides
-    return out
+def _posterior_subset(ctx: Context, problem: Problem) -> tuple[Subset, torch.Tensor]:
+    """The first ``eval.posterior_per_task`` test samples of every task, and their pre-trained features."""
+    test = problem.joined("test")
+    keep = torch.cat([torch.nonzero(test.task_ids == k)[: ctx.cfg.eval.posterior_per_task, 0]
+                      for k in test.task_ids.unique(sorted=True).tolist()])
+    return Subset(test, keep.tolist()), ctx.features(problem, "test")[keep]
 
 
-def _guide(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str, feature_dim: int
-           ) -> GateSlabGuide:
-    g = ctx.cfg.guide
-    names = (problem.bank.task_names, problem.bank.block_names)
-    gate_filter = ImportanceUncertaintyFilter(g.tau0, g.beta, g.sharpness)
-    common = {"prior": prior, "gating": gating, "gate_filter": gate_filter, "temperature": g.temperature,
-              "init_loc": g.init_loc, "init_scale": g.init_scale, "init_prob": g.init_prob}
-    if g.kind == "amortized":
-        return AmortizedGuide(feature_dim, *names, hidden_dim=g.hidden_dim, **common)
-    return TaskLevelGuide(*names, **common)
+def _task_coef_path(ctx: Context, problem: Problem) -> Any:
+    return ctx.artifact_dir(problem, "vtvc") / "task_coef.safetensors"
 
 
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(-1)
-
-
-def _vtvc(ctx: Context, problem: Problem, prior: Mapping[str, Any], gating: str) -> Outcome:
+def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) -> Outcome:
     """Fit the VTVC guide by SVI, score its gated (or Monte Carlo) prediction, save the posterior."""
     bank = problem.bank
-    model = VTVCModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
-                      bank.block_names)
-    guide = _guide(ctx, problem, prior, gating, ctx.features(problem, "fit").shape[1])
-    fit = _fit(ctx, problem, model, guide, ctx.cfg.svi)
+    with ctx.timer("fit"):
+        model = VTVCModel(ComposedEncoder(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
+                          bank.block_names)
+        guide = build_guide(ctx.cfg.guide, ctx.features(problem, "fit").shape[1], bank.task_names,
+                            bank.block_names, prior, gating=gating)
+        fit = _fit(ctx, problem, model, guide, bayesian=True)
 
-    start = time.perf_counter()
-    post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size)
-    test, test_features = problem.joined("test"), ctx.features(problem, "test")
-    samples = ctx.cfg.eval.mc_samples
-    extra: dict[str, torch.Tensor] = {}
-    if samples:
-        pred = post.predictive(test, samples, test_features)
-        probs, labels, task = pred["probs"].double(), pred["labels"], pred["task"]
-        extra["mutual_information"] = pred["mutual_information"]
-    else:
-        probs, labels, task = predict_dataset(post.predict, test, ctx.cfg.eval.batch_size)
-    scores = scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
-    summary = post.summarize(test, test_features)
-    eval_seconds = time.perf_counter() - start
+    with ctx.timer("eval"):
+        post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size)
+        test, test_features = problem.joined("test"), ctx.features(problem, "test")
+        samples = ctx.cfg.eval.mc_samples
+        if samples:
+            pred = post.predictive(test, samples, test_features)
+            probs, labels, task = pred["probs"].double(), pred["labels"], pred["task"]
+        else:
+            probs, labels, task = predict_dataset(post.predict, test, ctx.cfg.eval.batch_size)
+        scores = scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
+        stats = CoefficientStats().add(post.summarize(test, test_features)["coef"])
 
-    out = ctx.artifact_dir(problem)
-    task_coef = post.task_coefficients(post.summarize(problem.joined("val"), ctx.features(problem, "val")))
-    _save_tensors(out / "task_coef.safetensors", task_coef, {"block_names": bank.block_names,
-                                                            "task_names": bank.task_names})
-    confidence, predicted = probs.max(-1)
-    _save_tensors(out / "samples.safetensors", {
-        **{k: summary[k].float() for k in ("inclusion", "loc", "scale", "gate", "coef")},
-        "task": task, "label": labels, "confidence": confidence.float(),
-        "correct": (predicted == labels).to(torch.uint8),
-        "entropy": _entropy(probs).float(), **{k: v.float() for k, v in extra.items()},
-    }, {"data_tasks": problem.tasks, "task_names": bank.task_names, "block_names": bank.block_names})
-    with atomic_write(out / "components.csv") as handle:
-        post.component_summary(summary).to_csv(handle)
-    _save_fit(ctx, problem, guide, fit, {"method": ctx.name, "guide": ctx.cfg.guide.kind, "gating": gating,
-                                         "prior": dict(prior)})
-    details = {**_fit_details(fit), "gating": gating, "prior": dict(prior)}
-    return Outcome(scores, fit.seconds, eval_seconds, CoefficientStats().add(summary["coef"]), details)
+    with ctx.timer("save"):
+        out = ctx.artifact_dir(problem)
+        val_summary = post.summarize(problem.joined("val"), ctx.features(problem, "val"))
+        task_coef = post.task_coefficients(val_summary)
+        save_tensors(out / "task_coef.safetensors", task_coef, {"block_names": bank.block_names,
+                                                               "task_names": bank.task_names})
+        subset, subset_features = _posterior_subset(ctx, problem)
+        idata = post.to_inference_data(subset, ctx.cfg.eval.posterior_draws, subset_features)
+        with atomic_path(out / POSTERIOR_FILE) as tmp:
+            idata.to_netcdf(str(tmp))
+        _save_fit(ctx, problem, guide, fit, {"method": ctx.name, "guide": ctx.cfg.guide.kind,
+                                             "gating": guide.gating, "prior": prior.to_mapping()})
+    details = {**_fit_details(fit), "gating": guide.gating, "prior": prior.to_mapping()}
+    return Outcome(scores, stats, details, product=task_coef)
 
 
+def _restore_task_coef(ctx: Context, problem: Problem, result: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    path = _task_coef_path(ctx, problem)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; vtvc finished in an earlier run but its per-task "
+                                "coefficients are gone; rerun with --force")
+    return load_file(str(path))
+
+
+@register("vtvc", restore=_restore_task_coef, posterior=True)
 def vtvc(ctx: Context, problem: Problem) -> Outcome:
-    """VTVC: the configured prior (spike-and-slab by default) with the configured gating (gated)."""
-    return _vtvc(ctx, problem, ctx.cfg.prior, ctx.cfg.guide.gating)
+    """VTVC: the configured prior (spike-and-slab by default) with the configured gating."""
+    return _vtvc(ctx, problem, ctx.cfg.prior, None)
 
 
+@register("vtvc_stochastic", posterior=True)
 def vtvc_stochastic(ctx: Context, problem: Problem) -> Outcome:
-    """The ablation without gating: relaxed gate draws during training."""
+    """The ablation without gating: gates sampled from the guide."""
     return _vtvc(ctx, problem, ctx.cfg.prior, UNGATED)
 
 
+@register("vtvc_gaussian", posterior=True)
 def vtvc_gaussian(ctx: Context, problem: Problem) -> Outcome:
     """The ablation without a spike: a Normal prior on the coefficients."""
-    return _vtvc(ctx, problem, gaussian_prior(ctx.cfg.prior), ctx.cfg.guide.gating)
+    return _vtvc(ctx, problem, ctx.cfg.prior.without_spike(), None)
 
 
+@register("vtvc_merged", needs=("vtvc",))
 def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
     """VTVC's mean coefficients over each task's val samples, merged into one plain encoder per task."""
-    path = ctx.artifact_dir(problem, "vtvc") / "task_coef.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: vtvc_merged needs the fitted vtvc posterior of this run")
-    task_coef = load_file(str(path))
-    work = copy.deepcopy(ctx.bench.visual)
-    parts, stats, merge_seconds = [], CoefficientStats(), 0.0
-    start = time.perf_counter()
+    task_coef: dict[str, torch.Tensor] = ctx.product("vtvc", problem)
+    parts, stats = [], CoefficientStats()
+    with ctx.timer("fit"):
+        work = copy.deepcopy(ctx.bench.visual)
     for task in problem.tasks:
         stats.add(task_coef[task])
-        merge_start = time.perf_counter()
-        work.load_state_dict(problem.bank.merge(task_coef[task]))
-        merge_seconds += time.perf_counter() - merge_start
-        predict = encoder_predictor(work, problem.heads)
-        parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
-    eval_seconds = time.perf_counter() - start - merge_seconds
-    return Outcome(Scores.concat(parts), merge_seconds, eval_seconds, stats)
-
-
-METHOD_FUNCTIONS: dict[str, Method] = {
-    "zeroshot": zeroshot,
-    "finetuned": finetuned,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "atlas": atlas,
-    "metanet": metanet,
-    "vtvc_gaussian": vtvc_gaussian,
-    "vtvc_stochastic": vtvc_stochastic,
-    "vtvc": vtvc,
-    "vtvc_merged": vtvc_merged,
-}
+        with ctx.timer("fit"):
+            work.load_state_dict(problem.bank.merge(task_coef[task]))
+        with ctx.timer("eval"):
+            predict = encoder_predictor(work, problem.heads)
+            parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
+    return Outcome(Scores.concat(parts), stats)

@@ -79,7 +79,7 @@ def coefficient_distributions(
 def reliability_diagram(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike,
                         bins: int = 15) -> None:
     """Accuracy against confidence per method: ``{method: {"confidence": [...], "accuracy": [...]}}`` with
-    one entry per non-empty bin (see :func:`vtvc_pyro.experiment.scoring.reliability_bins`)."""
+    one entry per non-empty bin (see :func:`vtvc_pyro.evaluate.reliability_bins`)."""
     fig = Figure(figsize=(5.0, 5.0))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
@@ -113,4 +113,85 @@ def accuracy_bars(
     ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+
+
+def layer_of(block: str) -> str:
+    """The layer a parameter block belongs to: ``transformer.resblocks.3.attn.in_proj_weight`` →
+    ``resblocks.3``; any other block → its first name component (``conv1``, ``ln_pre``, ``proj``)."""
+    parts = block.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "resblocks" and parts[i + 1].isdigit():
+            return f"resblocks.{parts[i + 1]}"
+    return parts[0]
+
+
+def by_layer(values: np.ndarray, block_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """``values [..., B]`` averaged over the blocks of each layer (layers in first-appearance order)."""
+    layers = list(dict.fromkeys(layer_of(b) for b in block_names))
+    which = np.array([layers.index(layer_of(b)) for b in block_names])
+    values = np.asarray(values, dtype=float)
+    return np.stack([values[..., which == k].mean(-1) for k in range(len(layers))], axis=-1), layers
+
+
+def prior_posterior_inclusion(prior: np.ndarray, posterior: np.ndarray, task_names: Sequence[str],
+                              layer_names: Sequence[str], path: str | os.PathLike, title: str) -> None:
+    """Side-by-side tasks × layers heatmaps: prior inclusion π and mean posterior inclusion."""
+    fig = Figure(figsize=(min(24.0, 4.0 + 0.5 * len(layer_names)), 1.8 + 0.7 * len(task_names)),
+                 layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    names = ("prior π", "posterior mean sigmoid(ℓ)")
+    for ax, values, name in zip(axes, (prior, posterior), names, strict=True):
+        image = ax.imshow(np.asarray(values, dtype=float), aspect="auto", vmin=0, vmax=1, cmap="viridis",
+                          interpolation="nearest")
+        ax.set_xticks(range(len(layer_names)), layer_names, rotation=90, fontsize=7)
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+    axes[0].set_yticks(range(len(task_names)), task_names)
+    fig.colorbar(image, ax=axes, fraction=0.025)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def credible_intervals(low: np.ndarray, mid: np.ndarray, high: np.ndarray, task_names: Sequence[str],
+                       layer_names: Sequence[str], path: str | os.PathLike, title: str) -> None:
+    """Per task vector, the median and credible interval of the coefficient in every layer (``[T, L]``)."""
+    fig = Figure(figsize=(min(24.0, 3.0 + 0.4 * len(layer_names)), 2.0 + 1.6 * len(task_names)),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(task_names), 1, sharex=True, squeeze=False)[:, 0])
+    x = np.arange(len(layer_names))
+    for t, ax in enumerate(axes):
+        ax.errorbar(x, mid[t], yerr=[mid[t] - low[t], high[t] - mid[t]], fmt="o", markersize=3, capsize=2)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_ylabel(task_names[t], fontsize=8)
+    axes[-1].set_xticks(x, layer_names, rotation=90, fontsize=7)
+    axes[0].set_title(title)
+    _save(fig, path)
+
+
+def accuracy_vs_sparsity(points: Mapping[str, tuple[float, float]], path: str | os.PathLike) -> None:
+    """Mean test accuracy against sparsity (share of zero coefficients), one labelled point per method."""
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
+    for method, (sparsity, accuracy) in points.items():
+        ax.scatter([sparsity], [accuracy])
+        ax.annotate(method, (sparsity, accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_xlabel("sparsity (share of gated-off components)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title("accuracy vs sparsity")
+    _save(fig, path)
+
+
+def objective_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> None:
+    """The training objective per step of every learned method (ELBO per datum; for the deterministic
+    baselines, the log-likelihood per datum)."""
+    fig = Figure(figsize=(6.5, 4.0))
+    ax = fig.subplots()
+    for method, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=method, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ELBO per datum")
+    ax.set_title("training objective")
+    ax.legend(fontsize=7)
     _save(fig, path)

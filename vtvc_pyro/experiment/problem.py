@@ -7,7 +7,9 @@ tasks' vectors, fit on the target's train split, score its test split).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,30 +94,49 @@ class FeatureCache:
         return self._cache[key]
 
 
+class Stopwatch:
+    """Seconds per phase (``fit``, ``eval``, ``save``) of a method on a problem: ``with timer("fit"):``."""
+
+    PHASES = ("fit", "eval", "save")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if phase not in self.seconds:
+            raise ValueError(f"phase {phase!r}: expected one of {', '.join(self.PHASES)}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
 @dataclass
 class Outcome:
-    """One method on one problem: scores, seconds spent fitting and scoring, coefficient statistics, and
-    method-specific details (plain JSON data)."""
+    """One method on one problem: scores, coefficient statistics, method-specific details (plain JSON data),
+    and the in-memory ``product`` methods that need this one read (see ``methods.Method.needs``)."""
 
     scores: Scores
-    fit_seconds: float
-    eval_seconds: float
     coef: CoefficientStats | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    product: Any = None
 
 
 @dataclass
 class Context:
-    """What a method may use: its name and effective settings, the benchmark, the run directory, the
-    results of methods finished before it, the feature cache, and a logger."""
+    """What a method may use: its name and effective settings, the benchmark, the run directory, the feature
+    cache, a logger, the timer its work runs under, and the products of the methods it needs."""
 
     name: str
     cfg: ExperimentConfig
     bench: Benchmark
     run: RunDirectory
-    results: Mapping[str, dict[str, Any]]
     features: FeatureCache
     log: Callable[[str], None]
+    timer: Stopwatch = field(default_factory=Stopwatch)
+    products: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: bool = True
 
     def artifact_dir(self, problem: Problem, method: str | None = None) -> Path:
@@ -125,6 +146,10 @@ class Context:
     def checkpoint_path(self, problem: Problem) -> Path:
         return self.run.checkpoint_path(self.name, problem.name)
 
-    def finetuned_val_accuracy(self, problem: Problem) -> dict[str, float]:
-        """The fine-tuned models' val accuracy on the problem's tasks (the normaliser for α selection)."""
-        return self.results["finetuned"]["details"][problem.name]["val_accuracy"]
+    def product(self, method: str, problem: Problem) -> Any:
+        """What ``method`` handed on for ``problem`` (it must be among this method's ``needs``)."""
+        try:
+            return self.products[method][problem.name]
+        except KeyError:
+            raise KeyError(f"{self.name}: no product of {method!r} for problem {problem.name!r}; "
+                           "is it declared in the method's needs?") from None

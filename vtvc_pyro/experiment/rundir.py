@@ -1,32 +1,41 @@
 """The run directory: resolved config, argv, environment, log, and a manifest of finished methods.
 
 Re-opening a directory that holds the same resolved config resumes it; a different config is refused
-unless ``force`` (which deletes the previous run's files, and only those).
+unless ``force`` (which deletes the previous run's files, and only those). One process at a time: a run
+holds an exclusive lock on its directory (``.vtvc.lock``) from :meth:`RunDirectory.open` until
+:meth:`RunDirectory.close`; another run (or a ``--force``) is refused meanwhile, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import filelock
 import yaml
 
-from vtvc_pyro.io import atomic_write, write_json
+from vtvc_pyro.io import WriteError, atomic_write, read_json, write_json
 
 RUN_ENTRIES = (
     "manifest.json", "config.yaml", "argv.json", "environment.json", "run.log", "metrics.json",
     "table.md", "table.csv", "methods", "posteriors", "checkpoints", "plots",
 )
 """Everything a run writes; ``force`` removes exactly these."""
+LOCK_FILE = ".vtvc.lock"
+OWNER_FILE = ".vtvc.lock.owner"
+"""The lock a run holds for its lifetime, and who holds it (pid, host, start time, argv)."""
 
 
 class RunDirectoryError(ValueError):
@@ -81,11 +90,82 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+class RunDirectoryBusy(RunDirectoryError):
+    """Another process holds the run directory's lock."""
+
+
 class RunDirectory:
-    """One run's files. Per-method results are ``methods/<name>.json``; the manifest says which are done."""
+    """One run's files. Per-method results are ``methods/<name>.json``; the manifest says which are done.
+
+    Use it as a context manager (or call :meth:`close`) to release the lock :meth:`open` takes.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._lock: filelock.BaseFileLock | None = None
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # an unclosed run (e.g. dropped by its caller) releases its lock too
+        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing left to report to
+            self.close()
+
+    # ---------------------------------------------------------------- the lock
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds (or last held) the lock: ``{"pid", "host", "started", "argv"}``, or None."""
+        try:
+            owner = json.loads((self.root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def acquire(self) -> None:
+        """Take the directory's exclusive lock for this process (re-entrant within it); raise
+        :class:`RunDirectoryBusy` naming the holder's pid when another process has it."""
+        if self._lock is not None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"cannot create the run directory {self.root}: {err.strerror or err}; choose "
+                             "another --out") from err
+        lock = filelock.FileLock(self.root.resolve() / LOCK_FILE, timeout=0, is_singleton=True,
+                                 thread_local=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            owner = self.holder()
+            who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+                   if owner else "a process that has not yet recorded its pid")
+            raise RunDirectoryBusy(
+                f"{self.root} is in use by another vtvc run ({who}); wait for it to finish, or choose "
+                "another --out"
+            ) from None
+        except OSError as err:
+            raise WriteError(f"cannot lock the run directory {self.root}: {err.strerror or err}; choose a "
+                             "writable --out") from err
+        self._lock = lock
+        if lock.lock_counter == 1:
+            write_json(self.root / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                "started": _now(), "argv": list(sys.argv)})
+
+    def close(self) -> None:
+        """Release the lock (the owner record goes with the last release in this process)."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        if lock.lock_counter == 1:
+            (self.root / OWNER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+    @property
+    def locked(self) -> bool:
+        return self._lock is not None
 
     @property
     def manifest_path(self) -> Path:
@@ -94,9 +174,29 @@ class RunDirectory:
     def result_path(self, method: str) -> Path:
         return self.root / "methods" / f"{method}.json"
 
-    def checkpoint_path(self, method: str, problem: str) -> Path:
-        """The SVI checkpoint of ``method`` on one problem; a rerun continues from it."""
-        return self.root / "checkpoints" / method / f"{problem}.pt"
+    def checkpoint_path(self, method: str, problem: str, depends_on: Any = None) -> Path:
+        """The SVI checkpoint of ``method`` on one problem; a rerun continues from it.
+
+        The file name carries a key of everything the fit depends on: the run's config digest (prior,
+        guide, blocks, method settings, seed), its recorded input files, the method, the problem and
+        ``depends_on`` (any JSON-able settings the caller adds), so a checkpoint written under other
+        settings or data is never resumed.
+        """
+        manifest = self.read_manifest() or {}
+        identity = {"config_digest": manifest.get("config_digest"), "inputs": manifest.get("inputs"),
+                    "method": method, "problem": problem, "depends_on": depends_on}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.root / "checkpoints" / method / f"{problem}-{key}.pt"
+
+    def discard_checkpoint(self, method: str, problem: str, depends_on: Any = None) -> Path | None:
+        """Move an unreadable checkpoint aside (``*.pt.damaged``) so the fit restarts from scratch; returns
+        where it went (None when there was none). Finished methods are untouched."""
+        path = self.checkpoint_path(method, problem, depends_on)
+        if not path.exists():
+            return None
+        target = path.with_name(path.name + ".damaged")
+        os.replace(path, target)
+        return target
 
     def posterior_dir(self, method: str) -> Path:
         return self.root / "posteriors" / method
@@ -117,14 +217,44 @@ class RunDirectory:
         """Create, resume (same config) or — with ``force`` — restart the run in ``root``; ``invocation``
         (argv, config path, overrides, ...) is appended to ``argv.json``."""
         run = cls(root)
-        manifest = run.read_manifest()
-        if manifest is None and run.root.is_dir() and any(run.root.iterdir()):
-            raise RunDirectoryError(
-                f"{run.root}: exists and is not a vtvc run directory (no manifest.json); choose another --out"
-            )
+        if run.root.exists() and not run.root.is_dir():
+            raise RunDirectoryError(f"{run.root} is a file, not a directory; choose another --out")
+        run._refuse_foreign()
+        run.acquire()
+        try:
+            return run._open(config, config_digest, invocation, force)
+        except BaseException:
+            run.close()
+            raise
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a directory that holds files but neither a manifest nor a run's lock."""
+        if not self.root.is_dir() or self.manifest_path.is_file():
+            return
+        names = set(os.listdir(self.root))
+        if LOCK_FILE in names:
+            return  # a run is being created here (or was): the lock decides
+        if names:
+            raise self._foreign()
+
+    def _foreign(self) -> RunDirectoryError:
+        return RunDirectoryError(f"{self.root}: exists and is not a vtvc run directory (no manifest.json); "
+                                 "choose another --out")
+
+    def _open(self, config: dict[str, Any], config_digest: str, invocation: Mapping[str, Any],
+              force: bool) -> RunDirectory:
+        run = self
+        try:
+            manifest = run.read_manifest()
+        except RunDirectoryError:
+            if not force:
+                raise
+            manifest = None
+        stray = {n for n in os.listdir(run.root) if not n.startswith(".")} - set(RUN_ENTRIES)
+        if manifest is None and stray:
+            raise run._foreign()
         if manifest is not None and manifest.get("config_digest") != config_digest and not force:
-            previous = run.root / "config.yaml"
-            old = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
+            old = run._recorded_config()
             raise RunDirectoryError(
                 f"{run.root} holds a run with a different config ({config_differences(old, config)}); "
                 "pick another --out, or pass --force to delete it and start over"
@@ -135,7 +265,6 @@ class RunDirectory:
         resumed = manifest is not None
         if manifest is None:
             manifest = {"config_digest": config_digest, "created": _now(), "methods": {}}
-        run.root.mkdir(parents=True, exist_ok=True)
         with atomic_write(run.root / "config.yaml") as handle:
             yaml.safe_dump(config, handle, sort_keys=False, width=110)
         history = run.read_json("argv.json") or {"invocations": []}
@@ -144,6 +273,13 @@ class RunDirectory:
         write_json(run.root / "environment.json", environment_info())
         run.write_manifest(manifest)
         return run
+
+    def _recorded_config(self) -> dict[str, Any]:
+        try:
+            old = yaml.safe_load((self.root / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return {}
+        return old if isinstance(old, dict) else {}
 
     def clear(self) -> None:
         """Delete the files of a previous run (only the entries a run writes)."""
@@ -155,16 +291,22 @@ class RunDirectory:
                 path.unlink()
 
     def read_json(self, name: str) -> Any:
+        """A JSON file of the run (None if absent); a damaged one raises naming the file."""
         path = self.root / name
         if not path.is_file():
             return None
-        with open(path) as handle:
-            return json.load(handle)
+        try:
+            return read_json(path)
+        except ValueError as err:
+            raise RunDirectoryError(f"{err}; pass --force to start the run over, or choose another --out"
+                                    ) from None
 
     def read_manifest(self) -> dict[str, Any] | None:
         manifest = self.read_json("manifest.json")
-        if manifest is not None and not isinstance(manifest.get("methods"), dict):
-            raise RunDirectoryError(f"{self.manifest_path}: damaged manifest (no 'methods' mapping)")
+        if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("methods"),
+                                                                                     dict)):
+            raise RunDirectoryError(f"{self.manifest_path}: damaged manifest (no 'methods' mapping); pass "
+                                    "--force to start the run over, or choose another --out")
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -210,8 +352,12 @@ class RunDirectory:
         self._update_method(method, status="done", finished=_now(), result=str(path.relative_to(self.root)))
 
     def load_result(self, method: str) -> dict[str, Any]:
-        with open(self.result_path(method)) as handle:
-            return json.load(handle)
+        path = self.result_path(method)
+        try:
+            return read_json(path)
+        except ValueError as err:
+            raise RunDirectoryError(f"{err}; delete it and run the same command again to recompute "
+                                    f"'{method}' (the other finished methods are kept)") from None
 
     def mark_complete(self) -> None:
         manifest = self.read_manifest() or {}

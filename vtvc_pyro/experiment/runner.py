@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,32 +22,52 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
+from vtvc_pyro.evaluate import reliability_bins
 from vtvc_pyro.experiment import report
 from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
 from vtvc_pyro.experiment.figures import draw_figures
-from vtvc_pyro.experiment.methods import METHOD_FUNCTIONS
-from vtvc_pyro.experiment.problem import Context, FeatureCache, Outcome, Problem, make_problems
+from vtvc_pyro.experiment.methods import REGISTRY, Method
+from vtvc_pyro.experiment.problem import Context, FeatureCache, Outcome, Problem, Stopwatch, make_problems
 from vtvc_pyro.experiment.rundir import RunDirectory
-from vtvc_pyro.experiment.scoring import CoefficientStats, Scores, reliability_bins
+from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
 from vtvc_pyro.io import write_json
 
 
-def execution_order(methods: Sequence[str]) -> list[str]:
-    """``finetuned`` first (it normalises accuracy and α selection), ``vtvc_merged`` after ``vtvc``."""
-    middle = [m for m in methods if m not in ("finetuned", "vtvc_merged")]
-    return ["finetuned", *middle, *(["vtvc_merged"] if "vtvc_merged" in methods else [])]
+def run_order(cfg: ExperimentConfig) -> list[str]:
+    """The methods to run: ``finetuned`` (it normalises every table), then the config's methods, each after
+    the methods it needs."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...] = ()) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise ValueError(f"methods: {' -> '.join((*path, name))} need each other")
+        for need in REGISTRY[_base(cfg, name)].needs:
+            visit(need, (*path, name))
+        order.append(name)
+
+    for name in ("finetuned", *cfg.methods):
+        visit(name)
+    return order
+
+
+def _base(cfg: ExperimentConfig, name: str) -> str:
+    return cfg.variants[name].method if name in cfg.variants else name
 
 
 @contextlib.contextmanager
-def _logger(path: Path, console: Console) -> Iterator[Callable[[str], None]]:
-    """Log to the console (rich) and append to the run's log file."""
+def _logger(path: Path, console: Console, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """Log to the console (rich; warnings only when ``quiet``) and append to the run's log file."""
     logger = logging.getLogger(f"vtvc_pyro.run.{os.fspath(path)}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handlers = [file_handler, RichHandler(console=console, show_path=False, markup=False)]
+    terminal = RichHandler(console=console, show_path=False, markup=False)
+    terminal.setLevel(logging.WARNING if quiet else logging.INFO)
+    handlers = [file_handler, terminal]
     for handler in handlers:
         logger.addHandler(handler)
     try:
@@ -68,33 +89,47 @@ def _threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome]], cfg: ExperimentConfig
-            ) -> dict[str, Any]:
-    """A method's result file: per-task test metrics, coefficient statistics, seconds, reliability bins."""
-    scores = Scores.concat([o.scores for _, o in outcomes])
-    stats = [o.coef for _, o in outcomes if o.coef is not None]
+def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome, dict[str, float]]],
+            cfg: ExperimentConfig) -> dict[str, Any]:
+    """A method's result file: per-task test metrics, coefficient statistics, seconds per phase (and any
+    seconds spent outside the phases, ``untimed_seconds``), reliability bins."""
+    scores = Scores.concat([o.scores for _, o, _ in outcomes])
     merged = CoefficientStats()
-    for s in stats:
-        merged.merge(s)
+    for _, o, _ in outcomes:
+        if o.coef is not None:
+            merged.merge(o.coef)
+    seconds = {k: sum(s[k] for _, _, s in outcomes) for k in ("fit", "eval", "save", "untimed")}
     return {
         "method": name,
         "runs": base,
         "tasks": {t: m.to_dict() for t, m in scores.tasks.items()},
         **merged.summary(),
-        "fit_seconds": sum(o.fit_seconds for _, o in outcomes),
-        "eval_seconds": sum(o.eval_seconds for _, o in outcomes),
+        **{f"{k}_seconds": v for k, v in seconds.items()},
         "reliability": reliability_bins(scores.confidence, scores.correct, cfg.eval.ece_bins),
-        "details": {p.name: o.details for p, o in outcomes},
+        "details": {p.name: o.details for p, o, _ in outcomes},
     }
+
+
+def _solve(ctx: Context, method: Method, problem: Problem) -> tuple[Outcome, dict[str, float]]:
+    """``method`` on ``problem`` with a fresh timer; its seconds per phase, and the untimed rest."""
+    ctx.timer = Stopwatch()
+    start = time.perf_counter()
+    outcome = method.solve(ctx, problem)
+    total = time.perf_counter() - start
+    seconds = dict(ctx.timer.seconds)
+    seconds["untimed"] = max(0.0, total - sum(seconds.values()))
+    return outcome, seconds
 
 
 def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (),
                    out: str | os.PathLike | None = None, force: bool = False, *, progress: bool = True,
-                   console: Console | None = None) -> Path:
+                   quiet: bool = False, console: Console | None = None) -> Path:
     """Run (or resume) the experiment of a YAML config; returns the run directory.
 
     ``overrides``: ``--key.sub=value`` strings; ``out``: the run directory (default ``runs/<config stem>``);
-    ``force``: delete a previous run there and start over.
+    ``force``: delete a previous run there and start over; ``progress``: progress bars; ``quiet``: no log
+    lines on the console (``run.log`` still has them). Every config value is validated before the run
+    directory is touched.
     """
     console = console or Console()
     cfg = load_config(config_path, overrides)
@@ -102,58 +137,82 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     root = Path(out) if out is not None else Path("runs") / Path(config_path).stem
     invocation = {"argv": list(sys.argv), "config": os.fspath(config_path), "overrides": list(overrides),
                   "out": os.fspath(root), "force": force}
-    run = RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force)
-    with _logger(run.log_path, console) as log, _threads(cfg.threads):
+    with RunDirectory.open(root, to_dict(cfg), digest(cfg), invocation, force) as run, \
+            _logger(run.log_path, console, quiet) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log)
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
         run.bind_inputs(bench.fingerprint())
         features = FeatureCache(bench.visual, cfg.eval.batch_size)
         results: dict[str, dict[str, Any]] = {}
-        order = execution_order(cfg.methods)
+        products: dict[str, dict[str, Any]] = {}
+        order = run_order(cfg)
+        needed = {n for m in order for n in REGISTRY[_base(cfg, m)].needs}
         for i, name in enumerate(order, 1):
             tag = f"[{i}/{len(order)}] {name}"
+            base = _base(cfg, name)
+            method = REGISTRY[base]
+            settings = variant_config(cfg, name)
+            ctx = Context(name, settings, bench, run, features, log, products=products, progress=progress)
             if run.is_done(name):
                 results[name] = run.load_result(name)
+                if name in needed:
+                    products[name] = {p.name: method.restore(ctx, p, results[name])
+                                      for p in make_problems(settings, bench)}
                 log(f"{tag}: finished in an earlier invocation; kept")
                 continue
-            settings = variant_config(cfg, name)
-            base = cfg.variants[name].method if name in cfg.variants else name
-            ctx = Context(name, settings, bench, run, results, features, log, progress)
             run.mark_started(name)
             log(f"{tag}: running" + (f" (variant of {base})" if base != name else ""))
             outcomes = []
             try:
                 for problem in make_problems(settings, bench):
                     pyro.set_rng_seed(settings.seed)
-                    outcomes.append((problem, METHOD_FUNCTIONS[base](ctx, problem)))
+                    outcomes.append((problem, *_solve(ctx, method, problem)))
+            except ValueError as err:
+                done = [m for m in order if m in results]
+                log(f"{tag}: stopped on an invalid value: {err}. The {len(done)} finished methods "
+                    f"({', '.join(done) or 'none'}) stay in {run.root / 'methods'}; a corrected config is a "
+                    "new run: give it another --out to keep this one")
+                raise
             except BaseException:
                 log(f"{tag}: interrupted; run the same command again to resume")
                 raise
+            products[name] = {p.name: o.product for p, o, _ in outcomes}
             results[name] = _result(name, base, outcomes, settings)
             run.save_result(name, results[name])
-            accuracy = [m["accuracy"] for m in results[name]["tasks"].values()]
+            result = results[name]
+            accuracy = [m["accuracy"] for m in result["tasks"].values()]
+            saving = f", saving {result['save_seconds']:.1f} s" if result["save_seconds"] else ""
             log(f"{tag}: mean test accuracy {100 * sum(accuracy) / len(accuracy):.1f}% "
-                f"(fit {results[name]['fit_seconds']:.1f} s, eval {results[name]['eval_seconds']:.1f} s)")
+                f"(fit {result['fit_seconds']:.1f} s, eval {result['eval_seconds']:.1f} s{saving})")
 
-        tasks = list(results["finetuned"]["tasks"])
-        finetuned_accuracy = {t: m["accuracy"] for t, m in results["finetuned"]["tasks"].items()}
-        rows = report.summarize({m: results[m] for m in cfg.methods}, tasks, finetuned_accuracy)
-        title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {bench.description}"
-        report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
-        write_json(run.root / "metrics.json", {
-            "name": cfg.name,
-            "config_digest": digest(cfg),
-            "protocol": cfg.protocol.name,
-            "benchmark": bench.description,
-            "benchmark_source": bench.source,
-            "tasks": tasks,
-            "finetuned_accuracy": finetuned_accuracy,
-            "methods": {m: {**rows[m], "details": results[m]["details"]} for m in cfg.methods},
-        })
-        plots = draw_figures(run, cfg, results, rows, tasks)
+        rows, tasks, title = _tables(run, cfg, results, bench.description, bench.source)
+        plots = draw_figures(run)
         run.mark_complete()
         log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
     console.print(report.to_markdown(rows, tasks, title), markup=False, highlight=False, soft_wrap=True)
     console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
     return run.root
+
+
+def _tables(run: RunDirectory, cfg: ExperimentConfig, results: dict[str, dict[str, Any]], description: str,
+            source: str) -> tuple[dict[str, Any], list[str], str]:
+    """``table.md``, ``table.csv`` and ``metrics.json`` of the finished methods."""
+    tasks = list(results["finetuned"]["tasks"])
+    finetuned_accuracy = {t: m["accuracy"] for t, m in results["finetuned"]["tasks"].items()}
+    rows = report.summarize({m: results[m] for m in cfg.methods}, tasks, finetuned_accuracy)
+    title = f"{cfg.name}: {cfg.protocol.name.replace('_', ' ')}, {description}"
+    report.write_tables(rows, tasks, run.root / "table.md", run.root / "table.csv", title)
+    write_json(run.root / "metrics.json", {
+        "name": cfg.name,
+        "config_digest": digest(cfg),
+        "protocol": cfg.protocol.name,
+        "benchmark": description,
+        "benchmark_source": source,
+        "title": title,
+        "tasks": tasks,
+        "finetuned_accuracy": finetuned_accuracy,
+        "methods": {m: {**rows[m], "runs": results[m]["runs"], "details": results[m]["details"]}
+                    for m in cfg.methods},
+    })
+    return rows, tasks, title

@@ -6,15 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vtvc_pyro.evaluate import TaskMetrics, metrics_from_probs
+from vtvc_pyro.evaluate import Predict, TaskMetrics, metrics_from_probs
 from vtvc_pyro.heads import HeadBank
-
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``predict(images, task_ids) -> [N, C_max]`` class probabilities of each sample under its task's head."""
 
 
 @dataclass
@@ -68,21 +64,6 @@ def predict_dataset(predict: Predict, data: Dataset, batch_size: int
         labels.append(target.long())
         tasks.append(task.long())
     return torch.cat(probs), torch.cat(labels), torch.cat(tasks)
-
-
-def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> dict[str, list[float]]:
-    """Equal-width confidence bins ``(k/M, (k+1)/M]`` (as ECE uses them): mean confidence, accuracy and
-    count of every non-empty bin."""
-    conf = np.asarray(confidence, dtype=np.float64)
-    hit = np.asarray(correct, dtype=np.float64)
-    which = np.clip(np.ceil(conf * bins).astype(int), 1, bins) - 1
-    counts = np.bincount(which, minlength=bins)
-    keep = counts > 0
-    return {
-        "confidence": (np.bincount(which, weights=conf, minlength=bins)[keep] / counts[keep]).tolist(),
-        "accuracy": (np.bincount(which, weights=hit, minlength=bins)[keep] / counts[keep]).tolist(),
-        "count": counts[keep].tolist(),
-    }
 
 
 class CoefficientStats:

@@ -4,7 +4,7 @@ models, zero-shot heads) on tasks cut from images that ship inside pip packages,
 from vtvc_pyro.zoo.baselines import evaluate_baselines, summarize_zoo, zoo_table
 from vtvc_pyro.zoo.build import build_zoo, load_zoo
 from vtvc_pyro.zoo.presets import FORMAT_VERSION, PRESETS, ZooPreset, get_preset
-from vtvc_pyro.zoo.store import Zoo, default_cache_dir, verify_zoo, zoo_root
+from vtvc_pyro.zoo.store import Zoo, default_cache_dir, verify_zoo, zoo_fingerprint, zoo_root
 
 __all__ = [
     "FORMAT_VERSION",
@@ -18,6 +18,7 @@ __all__ = [
     "load_zoo",
     "summarize_zoo",
     "verify_zoo",
+    "zoo_fingerprint",
     "zoo_root",
     "zoo_table",
 ]

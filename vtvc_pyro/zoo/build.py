@@ -1,5 +1,9 @@
 """Building and caching the zoo: tasks → pre-trained tiny CLIP → zero-shot heads → fine-tuned encoders →
-baselines → ``zoo.json``. Built in a temporary directory and renamed into the cache when complete."""
+baselines → ``zoo.json``. Built in a temporary directory and renamed into the cache when complete.
+
+Builds of one preset are serialised by a lock file next to the zoo (``.<preset>-v<N>.lock``): a second
+process waits, then uses the zoo the first one built. A valid zoo in place is never deleted except by
+``force``, and then only after its replacement is complete (moved aside and swapped by renames)."""
 
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+import filelock
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vtvc_pyro.heads import ClassificationHead
-from vtvc_pyro.io import atomic_path, sha256_file, write_json
+from vtvc_pyro.io import WriteError, atomic_path, permissions, sha256_file, write_json
 from vtvc_pyro.zoo.baselines import evaluate_baselines
 from vtvc_pyro.zoo.dataset import ImageSplit
 from vtvc_pyro.zoo.presets import FORMAT_VERSION, ZooPreset, get_preset
@@ -178,41 +183,66 @@ def _write_zoo(root: Path, preset: ZooPreset) -> None:
     write_json(root / MANIFEST, manifest)
 
 
-def _discard(path: Path) -> None:
-    """Move ``path`` aside atomically, then delete it (readers never see a half-deleted zoo)."""
-    trash = path.with_name(f".{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def build_lock(root: Path) -> filelock.BaseFileLock:
+    """The lock that serialises builds of the zoo at ``root`` (a file next to it)."""
+    return filelock.FileLock(root.parent / f".{root.name}.lock", is_singleton=True, thread_local=False)
 
 
 def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None,
               force: bool = False) -> Zoo:
-    """Build the zoo of ``preset`` into the cache; an intact cached zoo is returned as is unless ``force``."""
+    """Build the zoo of ``preset`` into the cache; an intact cached zoo is returned as is unless ``force``.
+
+    Holds the preset's build lock throughout: a concurrent build waits for this one, then finds the zoo
+    intact and returns it.
+    """
     config = get_preset(preset)
     root = zoo_root(preset, cache_dir)
-    if root.exists() and not force:
-        problems = verify_zoo(root)
-        if not problems:
-            return Zoo(root)
-        warnings.warn(f"zoo cache at {root} is invalid ({'; '.join(problems)}); rebuilding it",
-                      RuntimeWarning, stacklevel=2)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+    lock = build_lock(root)
     try:
-        _write_zoo(staging, config)
-        if root.exists():
-            _discard(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        warnings.warn(f"another process is building the zoo at {root}; waiting for it", RuntimeWarning,
+                      stacklevel=2)
+        lock.acquire()
+    except OSError as err:
+        raise WriteError(f"cannot write the zoo cache {root.parent}: {err.strerror or err}; set "
+                         "$VTVC_CACHE_DIR (or --cache-dir) to a writable directory") from err
+    try:
+        if root.exists() and not force:
+            problems = verify_zoo(root)
+            if not problems:
+                return Zoo(root)
+            warnings.warn(f"zoo cache at {root} is invalid ({'; '.join(problems)}); rebuilding it",
+                          RuntimeWarning, stacklevel=2)
+        staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+        os.chmod(staging, permissions(0o777))  # mkdtemp makes it private; the zoo follows the umask
         try:
-            os.rename(staging, root)
-        except OSError:
-            # another process finished the same build first: keep theirs if it is intact
-            if verify_zoo(root):
-                raise
+            _write_zoo(staging, config)
+            _swap_in(staging, root)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return Zoo(root)
+            raise
+        return Zoo(root)
+    finally:
+        lock.release()
+
+
+def _swap_in(staging: Path, root: Path) -> None:
+    """Put the complete zoo ``staging`` at ``root``: the previous one is moved aside by a rename first
+    (readers see the old zoo or the new one, never a half-deleted one), then removed."""
+    if root.exists():
+        _discard(root, staging)
+    else:
+        os.rename(staging, root)
+
+
+def _discard(path: Path, replacement: Path) -> None:
+    """Rename ``path`` aside, rename ``replacement`` in, then delete the old one."""
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    os.rename(replacement, path)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None,
@@ -227,8 +257,7 @@ def load_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None
         message = f"zoo cache at {root} is invalid ({'; '.join(problems)})"
         if not build_if_missing:
             raise ValueError(f"{message}; rebuild it with `vtvc zoo build --preset {preset} --force`")
-        warnings.warn(f"{message}; rebuilding it", RuntimeWarning, stacklevel=2)
-        return build_zoo(preset, cache_dir, force=True)
+        return build_zoo(preset, cache_dir)  # re-checks under the build lock, then rebuilds
     if not build_if_missing:
         raise FileNotFoundError(f"no zoo '{preset}' at {root}; build it with "
                                 f"`vtvc zoo build --preset {preset}`")

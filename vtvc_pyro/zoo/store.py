@@ -13,17 +13,20 @@ Layout of a zoo directory (what a real user of the task-vector papers has, in sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vtvc_pyro.data import train_val_split
 from vtvc_pyro.heads import ClassificationHead, HeadBank
-from vtvc_pyro.io import sha256_file
+from vtvc_pyro.io import read_json, sha256_file
 from vtvc_pyro.zoo.dataset import ImageSplit
 from vtvc_pyro.zoo.presets import FORMAT_VERSION
 
@@ -46,10 +49,20 @@ def zoo_root(preset: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return base / "zoo" / f"{preset}-v{FORMAT_VERSION}"
 
 
+def required_files(manifest: dict) -> list[str]:
+    """The files a zoo with this manifest is read from (relative paths)."""
+    tasks = list(manifest.get("tasks") or {})
+    return [f"{manifest.get('model_name')}.json", "clip.safetensors", "pretrained.safetensors",
+            "data/pretrain.safetensors",
+            *(f"{kind}/{t}.safetensors" for kind in ("finetuned", "heads", "data") for t in tasks)]
+
+
 def verify_zoo(root: str | os.PathLike) -> list[str]:
     """Problems that make the zoo at ``root`` unusable (empty list: it is complete and intact).
 
-    Checks the manifest, its format version, and the presence and SHA-256 of every listed file.
+    Checks the manifest and its format version, and the directory against the manifest both ways: every
+    listed file is present with its SHA-256, every file present is listed, every file a zoo is read from
+    is listed.
     """
     root = Path(root)
     manifest_path = root / MANIFEST
@@ -65,14 +78,49 @@ def verify_zoo(root: str | os.PathLike) -> list[str]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return [f"{manifest_path} lists no files"]
-    problems = []
+    problems = [f"{manifest_path} does not list {rel}" for rel in required_files(manifest)
+                if rel not in files]
     for rel, digest in files.items():
         path = root / rel
         if not path.is_file():
             problems.append(f"missing file {path}")
         elif sha256_file(path) != digest:
             problems.append(f"checksum mismatch in {path}")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+    problems += [f"file {root / rel} is not listed in {MANIFEST}" for rel in sorted(present - set(files))
+                 if rel != MANIFEST]
     return problems
+
+
+_VOLATILE = ("build_seconds", "files", "results", "alpha", "alpha_scores", "pretraining", "finetuning")
+"""Manifest entries that describe a build (timings, checksums of file bytes, measured scores), not the
+weights or data the results are computed from."""
+
+
+def _tensor_digest(path: Path) -> dict[str, str]:
+    """SHA-256 of each tensor's dtype, shape and bytes (independent of the file's header layout)."""
+    digests = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_tensor(key).contiguous()
+            h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digests[key] = h.hexdigest()
+    return digests
+
+
+def zoo_fingerprint(root: str | os.PathLike) -> dict[str, Any]:
+    """What results computed from the zoo at ``root`` depend on: the format version, the manifest's
+    configuration (tasks, class names, templates, splits, model config) and the contents of every
+    tensor. A rebuild with bit-identical weights and data gives the same fingerprint, whatever its
+    build time or safetensors headers."""
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    config = {k: v for k, v in manifest.items() if k not in _VOLATILE}
+    tensors = {rel: _tensor_digest(root / rel) for rel in sorted(manifest.get("files", {}))
+               if rel.endswith(".safetensors")}
+    digest = hashlib.sha256(json.dumps({"config": config, "tensors": tensors}, sort_keys=True).encode())
+    return {"format_version": manifest.get("format_version"), "content_sha256": digest.hexdigest()}
 
 
 class Zoo:
@@ -83,7 +131,7 @@ class Zoo:
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"not a zoo directory (no {MANIFEST}): {self.root}")
-        self.manifest: dict = json.loads(manifest_path.read_text())
+        self.manifest: dict = read_json(manifest_path)
         self.preset: str = self.manifest["preset"]
         self.model_name: str = self.manifest["model_name"]
         self.task_names: list[str] = list(self.manifest["tasks"])
@@ -93,6 +141,10 @@ class Zoo:
 
     def __repr__(self) -> str:
         return f"Zoo(preset={self.preset!r}, tasks={self.task_names}, root='{self.root}')"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """See :func:`zoo_fingerprint`."""
+        return zoo_fingerprint(self.root)
 
     @property
     def config_path(self) -> Path:
