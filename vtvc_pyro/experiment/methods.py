@@ -35,7 +35,7 @@ from vtvc_pyro.experiment.scoring import (
     scores_from_probs,
 )
 from vtvc_pyro.guide import GATINGS, build_guide
-from vtvc_pyro.inference import FitResult, fit_svi
+from vtvc_pyro.inference import PER_DATUM, STEP_FIELDS, FitResult, fit_svi, save_fitted
 from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
@@ -113,7 +113,10 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
 
 
 def _fit_details(fit: FitResult) -> dict[str, Any]:
-    return {"steps": fit.steps, "resumed_from_step": fit.start_step, "final_elbo_per_datum": fit.elbo[-1]}
+    """The fit's length and its last step's objective, per datum, each named for what it is."""
+    last = fit.history[-1]
+    return {"steps": fit.steps, "resumed_from_step": fit.start_step,
+            "final": {name: getattr(last, name) for name in ("kl_scale", *PER_DATUM)}}
 
 
 def save_tensors(path: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
@@ -126,14 +129,15 @@ def save_tensors(path: Any, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 def _save_fit(ctx: Context, problem: Problem, module: torch.nn.Module, fit: FitResult,
               metadata: Mapping[str, Any]) -> None:
-    """``fitted.safetensors`` (the module's parameters and buffers) and ``elbo.csv`` (per step)."""
+    """``fitted.safetensors`` (the module's parameters and buffers) and ``elbo.csv`` (one row per step: KL
+    weight, learning rate, the tempered objective, the ELBO at KL weight 1 and its two parts, per datum)."""
     out = ctx.artifact_dir(problem)
     meta = {"task_names": problem.bank.task_names, "block_names": problem.bank.block_names, **metadata}
-    save_tensors(out / "fitted.safetensors", module.state_dict(), meta)
+    save_fitted(module, out / "fitted.safetensors", {k: json.dumps(v) for k, v in meta.items()})
     with atomic_write(out / "elbo.csv", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "elbo_per_datum"])
-        writer.writerows((i + 1, value) for i, value in enumerate(fit.elbo))
+        writer.writerow(STEP_FIELDS)
+        writer.writerows(dataclasses.astuple(record) for record in fit.history)
 
 
 def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict]) -> Outcome:
