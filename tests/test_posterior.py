@@ -35,13 +35,15 @@ def test_summary_holds_the_guide_components_and_gate_decisions(problem):
     images = collate_items(problem.data, torch.arange(36))[0]
     features0 = F.normalize(images @ problem.encoder.base, dim=-1)
     logits, loc, scale = (t.detach() for t in guide.components(features0))
-    assert_close(summary["inclusion"], torch.sigmoid(logits))
     assert_close(summary["loc"], loc)
     assert_close(summary["scale"], scale)
-    # the rule on the summary's own components (batching may move values near the threshold by rounding)
-    p, loc, scale = summary["inclusion"], summary["loc"], summary["scale"]
+    # inclusion is p_eff = sigmoid(ℓ) · F, F the filter on the summary's own components (batching may move
+    # values near the threshold by rounding); the evaluation gate is 1[p_eff ≥ 0.5]
+    loc, scale = summary["loc"], summary["scale"]
     tau = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-6)))
-    gate = ((p >= 0.5) & (loc.abs() >= tau)).float()
+    p_eff = torch.sigmoid(logits) * (loc.abs() >= tau)
+    assert_close(summary["inclusion"], p_eff)
+    gate = (p_eff >= 0.5).float()
     assert torch.equal(summary["gate"], gate) and 0 < gate.mean() < 1
     assert torch.equal(summary["coef"], gate * loc)
     assert torch.equal(summary["task"], torch.arange(3).repeat_interleave(12))
