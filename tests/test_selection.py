@@ -103,3 +103,13 @@ def test_a_run_with_seeds_and_selection_keeps_every_seed_and_every_candidate(mic
     cli.main(["report", str(out), "--markdown"])
     table = capsys.readouterr().out
     assert "| vtvc (2 seeds) |" in table and " ± " in table
+
+
+def test_the_readme_table_is_the_report_of_the_committed_run_summary(capsys):
+    root = SMOKE.parents[2]
+    readme = (root / "README.md").read_text()
+    marker = "<!-- vtvc report experiments/results/quickstart.json --markdown -->\n"
+    block = readme.split(marker, 1)[1].split("<!-- end of report -->", 1)[0]
+    cli.main(["report", str(root / "experiments" / "results" / "quickstart.json"), "--markdown"])
+    report = capsys.readouterr().out
+    assert block.strip() == report.split("\n", 2)[2].strip()  # the report without its title line
