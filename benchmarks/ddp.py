@@ -45,7 +45,7 @@ def main() -> None:
     if distributed.is_main():
         print(f"processes {distributed.world_size()}: {seconds / args.steps:.3f} s/step over {args.steps} "
               f"steps ({args.zoo} zoo, global batch {args.batch_size}, {len(data)} data); "
-              f"final loss {fit.losses[-1]:.6f}")
+              f"final tempered ELBO per datum {fit.tempered_elbo[-1]:.6f}")
 
 
 if __name__ == "__main__":

@@ -105,14 +105,15 @@ axes[0].set_title(f"coef on {image_tasks[0]} images: median and 90 % HDI")
 # %% [markdown]
 # ### Prior vs posterior inclusion, task vector × layer
 #
-# Left: the prior's inclusion probability π. Right: the guide's inclusion probability `sigmoid(ℓ)`, averaged
-# over test images and the blocks of a layer. Where the data pull a component in or out, the two differ.
+# Left: the prior's inclusion probability π. Right: the guide's effective inclusion probability
+# `p_eff = sigmoid(ℓ) · F` (`F` the gating filter: what `q(gate)` draws with), averaged over test images and
+# the blocks of a layer. Where the data pull a component in or out, the two differ.
 
 # %%
 prior, _ = by_layer(idata.constant_data["prior_inclusion"].values, blocks)
 posterior, _ = by_layer(idata.constant_data["inclusion"].values.mean(0), blocks)
 fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.6 * len(vectors)), sharey=True, layout="constrained")
-for ax, values, title in ((axes[0], prior, "prior π"), (axes[1], posterior, "posterior mean sigmoid(ℓ)")):
+for ax, values, title in ((axes[0], prior, "prior π"), (axes[1], posterior, "posterior mean p_eff")):
     image = ax.imshow(values, aspect="auto", vmin=0, vmax=1)
     ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
     ax.set_title(title)
@@ -145,12 +146,20 @@ ax.legend()
 # %% [markdown]
 # ### What gating turned off
 #
-# A component is dropped when its inclusion probability is below 0.5, or when its coefficient is small
-# against its uncertainty (`|μ| < τ0 · (1 + β · tanh(σ / |μ|))`). The second kind is what gating adds to a
-# plain spike-and-slab.
+# A component is off at evaluation when `p_eff < 0.5`: either the filter removed it (`F = 0`: its
+# coefficient is small against its uncertainty, `|μ| < τ0 · (1 + β · tanh(σ / |μ|))`, so `p_eff = 0` and
+# nothing is ever sampled for it), or its inclusion probability `sigmoid(ℓ)` is below 0.5. The histogram of
+# `p_eff` over every (test image, component) shows whether the inclusion probabilities separate components
+# (mass near 0 and near 1) or sit on the decision boundary (a spike at 0.5).
 
 # %%
 decision = idata.constant_data["decision"].values
-likely = idata.constant_data["inclusion"].values >= 0.5
-print(f"share of gated-off components: {1 - decision.mean():.3f}; dropped by the inclusion probability: "
-      f"{1 - likely.mean():.3f}; by the uncertainty threshold: {(likely & (decision == 0)).mean():.3f}")
+p_eff = idata.constant_data["inclusion"].values
+filtered = p_eff == 0
+print(f"share of gated-off components: {1 - decision.mean():.3f}; removed by the filter: "
+      f"{filtered.mean():.3f}; off by the inclusion probability: {(~filtered & (decision == 0)).mean():.3f}")
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.hist(p_eff.ravel(), bins=40, range=(0, 1))
+ax.set_yscale("log")
+ax.set_xlabel("effective inclusion probability p_eff (test images × components)")
+ax.set_ylabel("count")

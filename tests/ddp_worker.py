@@ -62,7 +62,7 @@ def run(checkpoint_dir: Path | None = None, kill_at: int = 0, device: str = "cpu
         params = {n: p.detach().cpu().clone() for m in modules for n, p in m.named_parameters()}
         flat = torch.cat([p.reshape(-1) for p in params.values()])
         spread = (distributed.gather_rows(flat[None]) - flat).abs().max()  # parameters differ across ranks?
-        out[kind] = {"losses": torch.tensor(fit.losses, dtype=torch.float64), "params": params,
+        out[kind] = {"losses": torch.tensor(fit.tempered_elbo, dtype=torch.float64), "params": params,
                      "rank_spread": spread}
     splits = {name: part for name, (_, part) in zip(problem.task_names, problem.data.parts, strict=True)}
     zeros = torch.zeros(len(problem.task_names), len(problem.block_names))

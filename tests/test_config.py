@@ -146,10 +146,10 @@ def test_bad_override_syntax_names_the_key(text, message):
 
 def test_overrides_apply_in_order_and_are_validated(tmp_path):
     path = write(tmp_path, "name: t\nsvi:\n  steps: 10\n")
-    overrides = ["--svi.steps=20", "--svi.steps=30", "--guide.gating=stochastic", "--prior.pi=0.2"]
+    overrides = ["--svi.steps=20", "--svi.steps=30", "--guide.gating=ungated", "--prior.pi=0.2"]
     cfg = load_config(path, overrides)
     assert cfg.svi.steps == 30
-    assert cfg.guide.gating == "stochastic"
+    assert cfg.guide.gating == "ungated"
     # the default prior is edited, not replaced
     assert cfg.prior == PriorSpec(pi=0.2)
     with pytest.raises(ConfigError, match=r"^svi\.stepz: unknown key; allowed: steps"):
@@ -161,10 +161,10 @@ def test_overrides_apply_in_order_and_are_validated(tmp_path):
 
 
 def test_extends_merges_sections_and_detects_cycles(tmp_path):
-    write(tmp_path, "name: base\nsvi: {steps: 10, lr: 0.1}\nguide: {gating: stochastic}\n", "base.yaml")
+    write(tmp_path, "name: base\nsvi: {steps: 10, lr: 0.1}\nguide: {gating: ungated}\n", "base.yaml")
     child = write(tmp_path, "extends: base.yaml\nname: child\nsvi: {steps: 20}\n", "child.yaml")
     cfg = load_config(child)
-    assert (cfg.name, cfg.svi.steps, cfg.svi.lr, cfg.guide.gating) == ("child", 20, 0.1, "stochastic")
+    assert (cfg.name, cfg.svi.steps, cfg.svi.lr, cfg.guide.gating) == ("child", 20, 0.1, "ungated")
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")
     with pytest.raises(ConfigError, match="'extends' cycle"):

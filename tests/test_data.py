@@ -128,5 +128,5 @@ def test_a_fit_loading_through_worker_processes_equals_one_loading_in_process():
         guide = AmortizedGuide(19, problem.task_names, problem.block_names, hidden_dim=8)
         config = SVIConfig(steps=5, batch_size=8, lr=0.02, progress=False)
         fits.append(fit_svi(model, guide, problem.data, config, loader=LoaderConfig(num_workers=workers)))
-    assert fits[0].losses == fits[1].losses
+    assert fits[0].tempered_elbo == fits[1].tempered_elbo
     assert torch.equal(fits[0].features0, fits[1].features0)

@@ -1,59 +1,80 @@
-"""Gated sampling: the rule against hand-worked numbers, exact 0/1 gates with straight-through gradients,
-evaluation coefficients, and the stochastic ablation's gates following the inclusion probabilities."""
-
-import math
+"""Gated sampling: the filter against hand-worked numbers, exact 0/1 gates with straight-through gradients,
+``q(gate) = Bernoulli(p · F)`` for the guide's draws and for ``pyro.infer.Predictive``, and the evaluation
+coefficients ``1[p_eff ≥ 0.5] · μ``."""
 
 import pyro
 import pytest
 import torch
 from planted import planted_problem
 from pyro import poutine
+from pyro.infer import Predictive
 from torch.testing import assert_close
 
-from vtvc_pyro.gating import ImportanceUncertaintyGate
+from vtvc_pyro.gating import ImportanceUncertaintyFilter
 from vtvc_pyro.guide import AmortizedGuide
 from vtvc_pyro.kl import GateBernoulli
-from vtvc_pyro.model import Batch
+from vtvc_pyro.model import Batch, VTVCModel
 
 # Hand-worked with τ0 = 0.05, β = 1, ε = 1e-6 (ε is negligible at these magnitudes):
-#   ℓ     μ      σ      p = sigmoid(ℓ)   u = tanh(σ/|μ|)         τ = τ0 (1 + u)   G
-#   1.0   0.3    0.05   0.7311           tanh(0.16667) = 0.16514  0.058257        1  (p ≥ .5, |μ| ≥ τ)
-#  -0.5   0.3    0.05   0.3775           0.16514                  0.058257        0  (p < .5)
-#   2.0   0.06   0.1    0.8808           tanh(1.66667) = 0.93111  0.096555        0  (|μ| < τ)
-#   2.0  -0.2    0.01   0.8808           tanh(0.05)    = 0.04996  0.052498        1  (sign does not matter)
-#   0.0   0.5    0.5    0.5              tanh(1)       = 0.76159  0.088080        1  (p = .5 is kept)
-#   3.0   0.055  0.0    0.9526           tanh(0)       = 0        0.050000        1  (no uncertainty: τ = τ0)
-CASES = [(1.0, 0.3, 0.05, 0.058257, 1.0), (-0.5, 0.3, 0.05, 0.058257, 0.0), (2.0, 0.06, 0.1, 0.096555, 0.0),
-         (2.0, -0.2, 0.01, 0.052498, 1.0), (0.0, 0.5, 0.5, 0.088080, 1.0), (3.0, 0.055, 0.0, 0.05, 1.0)]
+#   μ      σ      u = tanh(σ/|μ|)         τ = τ0 (1 + u)   F
+#   0.3    0.05   tanh(0.16667) = 0.16514  0.058257        1
+#   0.06   0.1    tanh(1.66667) = 0.93111  0.096555        0  (|μ| < τ: unreliable)
+#  -0.2    0.01   tanh(0.05)    = 0.04996  0.052498        1  (sign does not matter)
+#   0.04   0.0    tanh(0)       = 0        0.050000        0  (unimportant even when certain)
+#   0.055  0.0    0                        0.050000        1
+CASES = [(0.3, 0.05, 0.058257, 1.0), (0.06, 0.1, 0.096555, 0.0), (-0.2, 0.01, 0.052498, 1.0),
+         (0.04, 0.0, 0.05, 0.0), (0.055, 0.0, 0.05, 1.0)]
 
 
-def test_gating_rule_matches_hand_worked_examples():
-    rule = ImportanceUncertaintyGate(tau0=0.05, beta=1.0, sharpness=20.0)
-    logits, loc, scale, tau, gate = (torch.tensor(column) for column in zip(*CASES, strict=True))
+def test_filter_matches_hand_worked_examples():
+    rule = ImportanceUncertaintyFilter(tau0=0.05, beta=1.0, sharpness=20.0)
+    loc, scale, tau, keep = (torch.tensor(column) for column in zip(*CASES, strict=True))
     assert_close(rule.threshold(loc, scale), tau, atol=1e-6, rtol=0)
-    assert torch.equal(rule(logits, loc, scale), gate)
-    # soft gate of the first case: sigmoid(1) · sigmoid(20 (0.3 − 0.058257)) = 0.731059 · 0.992115
-    assert rule.soft(logits, loc, scale)[0].item() == pytest.approx(0.731059 * 0.992115, abs=1e-5)
+    assert torch.equal(rule(torch.zeros(5), loc, scale), keep)
+    # soft filter of the first case: sigmoid(20 (0.3 − 0.058257)) = 0.992115
+    assert rule.soft(loc, scale)[0].item() == pytest.approx(0.992115, abs=1e-5)
 
 
 def test_beta_zero_makes_the_threshold_constant():
-    rule = ImportanceUncertaintyGate(tau0=0.1, beta=0.0)
+    rule = ImportanceUncertaintyFilter(tau0=0.1, beta=0.0)
     loc, scale = torch.tensor([0.09, 0.11, -0.11]), torch.tensor([5.0, 5.0, 5.0])
     assert torch.equal(rule(torch.ones(3), loc, scale), torch.tensor([0.0, 1.0, 1.0]))
 
 
-def test_gate_is_exactly_binary_with_the_soft_gate_gradient():
-    rule = ImportanceUncertaintyGate()
-    logits = torch.linspace(-3, 3, 13, requires_grad=True)
+def test_filter_is_exactly_binary_with_the_soft_filter_gradient():
+    rule = ImportanceUncertaintyFilter(tau0=0.1, beta=0.0, sharpness=20.0)
     loc = torch.linspace(-0.5, 0.5, 13).requires_grad_()
-    scale = torch.full((13,), 0.05)
-    gate = rule(logits, loc, scale)
-    assert set(gate.tolist()) <= {0.0, 1.0}
-    gate.sum().backward()
-    # d G̃ / d ℓ = p (1 − p) · sigmoid(k (|μ| − τ))
-    p = torch.sigmoid(logits.detach())
-    expected = p * (1 - p) * torch.sigmoid(20 * (loc.detach().abs() - rule.threshold(loc.detach(), scale)))
-    assert_close(logits.grad, expected)
+    keep = rule(torch.zeros(13), loc, torch.full((13,), 0.05))
+    assert set(keep.tolist()) <= {0.0, 1.0}
+    keep.sum().backward()
+    # τ constant: d F̃ / d μ = k · sign(μ) · F̃ (1 − F̃),  F̃ = sigmoid(k (|μ| − τ0))
+    soft = torch.sigmoid(20 * (loc.detach().abs() - 0.1))
+    assert_close(loc.grad, 20 * loc.detach().sign() * soft * (1 - soft))
+
+
+def test_filter_rejects_bad_settings():
+    with pytest.raises(ValueError, match="gating.tau0: must be >= 0"):
+        ImportanceUncertaintyFilter(tau0=-0.1)
+    with pytest.raises(ValueError, match="gating.sharpness: must be > 0"):
+        ImportanceUncertaintyFilter(sharpness=0.0)
+
+
+def test_gate_draws_follow_the_effective_inclusion_probabilities():
+    pyro.set_rng_seed(1)
+    logits = torch.tensor([-2.0, -0.5, 0.0, 0.8, 2.5, 2.5])
+    keep = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    q = GateBernoulli(logits, temperature=0.3, keep=keep)
+    draws = q.rsample((20000,))
+    p_eff = torch.sigmoid(logits) * keep
+    assert_close(q.mean, p_eff)
+    tolerance = 5 * (p_eff * (1 - p_eff) / 20000).sqrt() + 1e-9  # five binomial standard errors
+    assert torch.all((draws.mean(0) - p_eff).abs() <= tolerance)
+    assert torch.all(draws[:, -1] == 0), "a filtered component is never drawn"
+    # log q is the Bernoulli(p_eff) mass of the draw
+    value = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    expected = torch.where(value > 0, p_eff, 1 - p_eff).log()
+    assert_close(q.log_prob(value), expected)
+    assert q.log_prob(torch.ones(6))[-1] == float("-inf")
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +82,20 @@ def problem():
     return planted_problem(num_per_task=10)
 
 
-def a_batch(problem, guide_input_dim=19):
+def a_batch(problem):
     images = torch.stack([problem.data[i][1] for i in range(len(problem.data))])
     task = torch.tensor([problem.data[i][3] for i in range(len(problem.data))])
     features0 = torch.nn.functional.normalize(problem.encoder(images, torch.zeros(len(images), 3, 2)), dim=-1)
     return Batch(torch.arange(len(images)), images, features0, None, task, len(images))
 
 
-@pytest.mark.parametrize("gating", ["gated", "stochastic"])
+def hand_inclusion(logits, loc, scale, tau0=0.05, beta=1.0):
+    """``p_eff = sigmoid(ℓ) · 1[|μ| ≥ τ0 (1 + β tanh(σ / |μ|))]``."""
+    tau = tau0 * (1 + beta * torch.tanh(scale / (loc.abs() + 1e-6)))
+    return torch.sigmoid(logits) * (loc.abs() >= tau)
+
+
+@pytest.mark.parametrize("gating", ["gated", "ungated"])
 def test_guide_gates_are_exactly_zero_or_one(problem, gating):
     guide = AmortizedGuide(19, problem.task_names, problem.block_names, gating=gating, init_prob=0.5,
                            init_weight_scale=2.0)
@@ -77,48 +104,55 @@ def test_guide_gates_are_exactly_zero_or_one(problem, gating):
     assert set(gate.unique().tolist()) == {0.0, 1.0}
 
 
-def test_evaluation_coef_is_zero_when_gated_off_and_loc_when_on(problem):
+def test_evaluation_coef_is_loc_where_the_effective_inclusion_is_at_least_half(problem):
     guide = AmortizedGuide(19, problem.task_names, problem.block_names, init_prob=0.5, init_loc=0.06,
                            init_weight_scale=3.0)
     features0 = a_batch(problem).features0
     logits, loc, scale = (t.detach() for t in guide.components(features0))
+    p_eff = hand_inclusion(logits, loc, scale)
+    assert_close(guide.inclusion(features0), p_eff)
     coef, gate = guide.point_coef(features0), guide.decision(features0)
-    tau = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-6)))
-    expected_gate = (torch.sigmoid(logits) >= 0.5) & (loc.abs() >= tau)
-    assert torch.equal(gate, expected_gate.float())
-    assert 0 < gate.mean() < 1, "the example should have both decisions"
+    assert torch.equal(gate, (p_eff >= 0.5).float())
+    filtered = p_eff == 0
+    assert 0 < gate.mean() < 1 and filtered.any() and (~filtered & (gate == 0)).any(), \
+        "the example should have components on, filtered, and off by their inclusion probability"
     assert torch.all(coef[gate == 0] == 0)
     assert torch.equal(coef[gate == 1], loc[gate == 1])
 
 
-def test_a_pluggable_rule_decides_the_gates(problem):
+def test_a_pluggable_filter_decides_which_components_can_be_drawn(problem):
     def by_loc_only(logits, loc, scale):
         return (loc > 0.3).to(loc.dtype)
 
-    guide = AmortizedGuide(19, problem.task_names, problem.block_names, rule=by_loc_only,
-                           init_weight_scale=3.0)
+    guide = AmortizedGuide(19, problem.task_names, problem.block_names, gate_filter=by_loc_only,
+                           init_prob=0.9, init_weight_scale=3.0)
     features0 = a_batch(problem).features0
-    loc = guide.components(features0)[1].detach()
-    assert torch.equal(guide.decision(features0), (loc > 0.3).float())
-    trace = poutine.trace(guide).get_trace(a_batch(problem))
-    assert torch.equal(trace.nodes["gate"]["value"], (loc > 0.3).float())
+    logits, loc, _ = (t.detach() for t in guide.components(features0))
+    expected = torch.sigmoid(logits) * (loc > 0.3)
+    assert_close(guide.inclusion(features0), expected)
+    assert torch.equal(guide.decision(features0), (expected >= 0.5).float())
+    for _ in range(5):
+        gate = poutine.trace(guide).get_trace(a_batch(problem)).nodes["gate"]["value"]
+        assert torch.all(gate[loc <= 0.3] == 0)
 
 
-def test_stochastic_gate_draws_follow_the_inclusion_probabilities():
-    pyro.set_rng_seed(1)
-    logits = torch.tensor([-2.0, -0.5, 0.0, 0.8, 2.5])
-    draws = GateBernoulli(logits, temperature=0.3).rsample((20000,))
-    p = torch.sigmoid(logits)
-    tolerance = 5 * (p * (1 - p) / 20000).sqrt()  # five binomial standard errors
-    assert torch.all((draws.mean(0) - p).abs() < tolerance)
-    assert set(draws.unique().tolist()) == {0.0, 1.0}
-
-
-def test_stochastic_guide_gates_follow_their_own_inclusion_probabilities(problem):
-    guide = AmortizedGuide(19, problem.task_names, problem.block_names, gating="stochastic", init_prob=0.4,
-                           init_weight_scale=3.0)
+@pytest.mark.parametrize("gating", ["gated", "ungated"])
+def test_predictive_draws_gates_at_the_effective_inclusion_and_slabs_from_the_guide(problem, gating):
+    """``pyro.infer.Predictive(model, guide=guide)`` draws ``gate ~ Bernoulli(p_eff)``, ``slab ~ N(μ, σ)``."""
+    model = VTVCModel(problem.encoder, problem.heads, None, problem.task_names, problem.block_names)
+    guide = AmortizedGuide(19, problem.task_names, problem.block_names, gating=gating, init_prob=0.6,
+                           init_loc=0.07, init_scale=0.05, init_weight_scale=3.0)
     batch = a_batch(problem)
-    p = torch.sigmoid(guide.components(batch.features0)[0].detach())
-    draws = torch.stack([poutine.trace(guide).get_trace(batch).nodes["gate"]["value"] for _ in range(400)])
-    z = (draws.mean(0) - p) / (p * (1 - p) / 400).sqrt()
-    assert z.abs().max() < 5 and math.isclose(z.mean().item(), 0.0, abs_tol=0.3)
+    logits, loc, scale = (t.detach() for t in guide.components(batch.features0))
+    p_eff = hand_inclusion(logits, loc, scale) if gating == "gated" else torch.sigmoid(logits)
+    assert (p_eff == 0).any() == (gating == "gated")
+    num = 300
+    draws = Predictive(model, guide=guide, num_samples=num, return_sites=["gate", "slab", "coef"])(batch)
+    gate, slab = draws["gate"], draws["slab"]
+    assert gate.shape == (num, 30, 3, 2)
+    z = (gate.mean(0) - p_eff) / (p_eff * (1 - p_eff) / num).sqrt().clamp_min(1e-9)
+    assert z.abs().max() < 5 and abs(z.mean().item()) < 0.3
+    assert torch.all(gate.mean(0)[p_eff == 0] == 0)
+    assert torch.all((slab.mean(0) - loc).abs() < 5 * scale / num**0.5)
+    assert torch.all((slab.std(0) / scale - 1).abs() < 0.25)
+    assert_close(draws["coef"], gate * slab)

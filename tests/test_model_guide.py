@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 from torch.testing import assert_close
 
+from vtvc_pyro.gating import ImportanceUncertaintyFilter
 from vtvc_pyro.guide import AmortizedGuide, TaskLevelGuide
 from vtvc_pyro.kl import GateBernoulli, SlabNormal
 from vtvc_pyro.model import Batch, VTVCModel
@@ -61,7 +62,7 @@ def latent_sites(trace):
 @pytest.mark.parametrize("prior", list(PRIORS))
 @pytest.mark.parametrize("guide_cls", [AmortizedGuide, TaskLevelGuide])
 def test_model_and_guide_have_the_same_latent_sites_in_the_same_order(problem, prior, guide_cls):
-    gating = "stochastic" if prior == "relaxed" else "gated"
+    gating = "ungated" if prior == "relaxed" else "gated"
     model, guide = make(problem, prior, gating, guide_cls)
     batch = batch_of(problem, model, [0, 3, 9, 17, 20])
     guide_trace = poutine.trace(guide).get_trace(batch)
@@ -101,6 +102,46 @@ def test_gate_kl_matches_the_bernoulli_closed_form():
     expected = p * (p / pi).log() + (1 - p) * ((1 - p) / (1 - pi)).log()
     kl = kl_divergence(GateBernoulli(logits), torch.distributions.Bernoulli(probs=pi))
     assert_close(kl, expected)
+    # filtered (keep = 0): q is a point mass at 0, KL(δ0 ‖ Bern(π)) = −log(1 − π)
+    kl = kl_divergence(GateBernoulli(logits, keep=torch.zeros(5)), torch.distributions.Bernoulli(probs=pi))
+    assert_close(kl, -(1 - pi).log())
+
+
+def test_kl_with_the_filter_on_matches_a_hand_computation_in_value_and_gradient():
+    """KL per component = F · [KL(Bern(p) ‖ Bern(π)) + p · KL(N(μ, σ) ‖ N(m, s))] + (1 − F) · (−log(1 − π)),
+    with ``F`` the filter (forward 0/1) whose gradient is that of ``F̃ = sigmoid(k (|μ| − τ))``."""
+    torch.set_default_dtype(torch.float64)
+    rule = ImportanceUncertaintyFilter(tau0=0.05, beta=1.0, sharpness=20.0)
+    logits = torch.tensor([0.8, -0.3, 1.5, 2.0, -1.0], requires_grad=True)
+    loc = torch.tensor([0.3, -0.12, 0.07, 0.06, 0.5], requires_grad=True)
+    scale = torch.tensor([0.05, 0.02, 0.04, 0.2, 0.3], requires_grad=True)
+    pi, m, s = torch.tensor([0.5, 0.3, 0.5, 0.7, 0.5]), torch.tensor([0.0, 0.1, 0.0, 0.0, 0.2]), 1.5
+    keep = rule(logits, loc, scale)
+    gate_q = GateBernoulli(logits, keep=keep)
+    slab_q = SlabNormal(loc, scale, gate_q.mean, torch.ones(5), m, torch.full((5,), s))
+    kl = kl_divergence(gate_q, torch.distributions.Bernoulli(probs=pi)) + kl_divergence(
+        slab_q, torch.distributions.Normal(m, torch.full((5,), s)))
+    kl.sum().backward()
+
+    ell, mu, sigma = logits.detach(), loc.detach(), scale.detach()
+    p = torch.sigmoid(ell)
+    r = sigma / (mu.abs() + 1e-6)
+    tau = 0.05 * (1 + torch.tanh(r))
+    hard = (mu.abs() >= tau).double()
+    assert hard.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0], "the example should have filtered components"
+    kl_bern = p * (p / pi).log() + (1 - p) * ((1 - p) / (1 - pi)).log()
+    kl_norm = (s / sigma).log() + (sigma**2 + (mu - m) ** 2) / (2 * s**2) - 0.5
+    kl_on, kl_off = kl_bern + p * kl_norm, -(1 - pi).log()
+    assert_close(kl.detach(), hard * kl_on + (1 - hard) * kl_off)
+    # gradients: the filter's surrogate F̃ = sigmoid(20 (|μ| − τ)), τ = 0.05 (1 + tanh(σ / |μ|))
+    soft = torch.sigmoid(20 * (mu.abs() - tau))
+    dtau_dr = 0.05 * (1 - torch.tanh(r) ** 2)
+    dsoft_dmu = 20 * soft * (1 - soft) * (mu.sign() + dtau_dr * r / (mu.abs() + 1e-6) * mu.sign())
+    dsoft_dsigma = -20 * soft * (1 - soft) * dtau_dr / (mu.abs() + 1e-6)
+    dkl_dp = (p / (1 - p)).log() - (pi / (1 - pi)).log() + kl_norm
+    assert_close(logits.grad, hard * dkl_dp * p * (1 - p))
+    assert_close(loc.grad, hard * p * (mu - m) / s**2 + (kl_on - kl_off) * dsoft_dmu)
+    assert_close(scale.grad, hard * p * (-1 / sigma + sigma / s**2) + (kl_on - kl_off) * dsoft_dsigma)
 
 
 def test_slab_kl_is_the_inclusion_weighted_normal_closed_form():
@@ -126,20 +167,37 @@ def test_slab_log_prob_is_the_conditional_density_given_the_gate():
     assert_close(q.log_prob(x), expected)
 
 
-def test_meanfield_elbo_is_the_scaled_analytic_kl_and_its_gradient_reaches_the_guide(problem):
-    model, guide = make(problem, gating="stochastic")
+@pytest.mark.parametrize("gating", ["gated", "ungated"])
+def test_meanfield_elbo_is_the_scaled_analytic_kl_and_its_gradient_reaches_the_guide(problem, gating):
+    model, guide = make(problem, gating=gating, init_loc=0.07, init_weight_scale=2.0)
     batch = batch_of(problem, model, [1, 2, 11, 20])
     kl_only = poutine.block(model, hide=["obs"])
     loss = TraceMeanField_ELBO().differentiable_loss(kl_only, guide, batch)
     logits, loc, scale = guide.components(batch.features0)
     p = torch.sigmoid(logits)
+    tau = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-6)))
+    keep = (loc.abs() >= tau).float() if gating == "gated" else torch.ones_like(loc)
+    assert 0 < keep.mean() <= 1 and (gating == "ungated" or keep.mean() < 1)
     kl_gate = p * (p / 0.5).log() + (1 - p) * ((1 - p) / 0.5).log()
     kl_slab = p * ((1 / scale).log() + (scale**2 + loc**2) / 2 - 0.5)
-    expected = len(problem.data) / 4 * (kl_gate + kl_slab).sum()  # N / n scaling of the data plate
+    per_component = keep * (kl_gate + kl_slab) + (1 - keep) * math.log(2)
+    expected = len(problem.data) / 4 * per_component.sum()  # N / n scaling of the data plate
     assert_close(loss, expected)
     loss.backward()
     for name, param in guide.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, f"no KL gradient reaches {name}"
+
+
+@pytest.mark.parametrize("gating", ["gated", "ungated"])
+def test_monte_carlo_kl_estimates_the_analytic_kl(problem, gating):
+    """``Trace_ELBO``'s ``log q − log p`` (gate and slab, filter on) averages to the registered KL."""
+    model, guide = make(problem, gating=gating, init_loc=0.07, init_prob=0.6, init_weight_scale=2.0)
+    batch = batch_of(problem, model, [1, 2, 11, 20])
+    kl_only = poutine.block(model, hide=["obs"])
+    with torch.no_grad():
+        analytic = TraceMeanField_ELBO().loss(kl_only, guide, batch)
+        estimates = torch.tensor([Trace_ELBO().loss(kl_only, guide, batch) for _ in range(400)])
+    assert abs(estimates.mean().item() - analytic) < 5 * estimates.std().item() / 400**0.5
 
 
 def test_subsampling_and_kl_annealing_scale_the_right_sites(problem):
@@ -155,9 +213,9 @@ def test_subsampling_and_kl_annealing_scale_the_right_sites(problem):
 
 
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize(("prior", "gating"), [("spike_and_slab", "gated"), ("spike_and_slab", "stochastic"),
+@pytest.mark.parametrize(("prior", "gating"), [("spike_and_slab", "gated"), ("spike_and_slab", "ungated"),
                                                ("gaussian", "gated"), ("hierarchical", "gated"),
-                                               ("relaxed", "stochastic")])
+                                               ("relaxed", "ungated")])
 def test_one_svi_step_runs_cleanly_and_only_guide_parameters_are_stored(problem, elbo, prior, gating):
     assert is_validation_enabled()
     model, guide = make(problem, prior, gating)
@@ -212,9 +270,9 @@ def test_task_level_guide_shares_its_parameters_across_samples(problem):
 
 
 def test_guide_errors_name_the_bad_argument(problem):
-    with pytest.raises(ValueError, match="gating: 'always' is not a gating mode; allowed: gated, stochastic"):
+    with pytest.raises(ValueError, match="gating: 'always' is not a gating mode; allowed: gated, ungated"):
         make(problem, gating="always")
-    with pytest.raises(ValueError, match="gating: a relaxed spike needs gating='stochastic'"):
+    with pytest.raises(ValueError, match="gating: a relaxed spike needs gating='ungated'"):
         make(problem, "relaxed", "gated")
     with pytest.raises(ValueError, match="init_prob: must be in"):
         make(problem, init_prob=1.0)

@@ -36,13 +36,15 @@ def test_summary_holds_the_guide_components_and_gate_decisions(problem):
     images = collate_items(problem.data, torch.arange(36))[0]
     features0 = F.normalize(images @ problem.encoder.base, dim=-1)
     logits, loc, scale = (t.detach() for t in guide.components(features0))
-    assert_close(summary["inclusion"], torch.sigmoid(logits))
     assert_close(summary["loc"], loc)
     assert_close(summary["scale"], scale)
-    # the rule on the summary's own components (batching may move values near the threshold by rounding)
-    p, loc, scale = summary["inclusion"], summary["loc"], summary["scale"]
+    # inclusion is p_eff = sigmoid(ℓ) · F, F the filter on the summary's own components (batching may move
+    # values near the threshold by rounding); the evaluation gate is 1[p_eff ≥ 0.5]
+    loc, scale = summary["loc"], summary["scale"]
     tau = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-6)))
-    gate = ((p >= 0.5) & (loc.abs() >= tau)).float()
+    p_eff = torch.sigmoid(logits) * (loc.abs() >= tau)
+    assert_close(summary["inclusion"], p_eff)
+    gate = (p_eff >= 0.5).float()
     assert torch.equal(summary["gate"], gate) and 0 < gate.mean() < 1
     assert torch.equal(summary["coef"], gate * loc)
     assert torch.equal(summary["task"], torch.arange(3).repeat_interleave(12))
@@ -81,7 +83,7 @@ def test_deterministic_prediction_is_the_gated_composition_through_each_samples_
 
 
 def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(problem):
-    model, guide, post = make(problem, gating="stochastic", init_scale=0.3)
+    model, guide, post = make(problem, gating="ungated", init_scale=0.3)
     pred = post.predictive(problem.data, num_samples=6, keep_draws=True)
     assert pred["coef"].shape == (6, 36, 3, 2)
     assert_close(pred["coef"], pred["gate"] * pred["slab"])
@@ -105,7 +107,7 @@ def test_monte_carlo_predictive_averages_guide_draws_and_splits_the_uncertainty(
 def test_predictive_draws_follow_the_guide(problem):
     """Predictive(model, guide) samples what the guide samples: with sampled gates, the share of draws
     keeping a component approaches its inclusion probability sigmoid(ℓ) (binomial, within 5 sigma)."""
-    _, guide, post = make(problem, gating="stochastic")
+    _, guide, post = make(problem, gating="ungated")
     pyro.set_rng_seed(1)
     draws = post.predictive(problem.data, num_samples=300, keep_draws=True)
     inclusion = post.summarize(problem.data)["inclusion"]
@@ -125,13 +127,13 @@ def test_predictive_draws_follow_the_guide(problem):
 
 
 def test_a_single_draw_has_no_mutual_information(problem):
-    _, _, post = make(problem, gating="stochastic")
+    _, _, post = make(problem, gating="ungated")
     pred = post.predictive(problem.data, num_samples=1)
     assert_close(pred["mutual_information"], torch.zeros(36), atol=1e-6, rtol=0)
 
 
 def test_inference_data_export(problem):
-    _, guide, post = make(problem, gating="stochastic")
+    _, guide, post = make(problem, gating="ungated")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = post.to_inference_data(problem.data, num_samples=4)
@@ -159,7 +161,7 @@ def test_gaussian_guides_have_inclusion_one_and_no_gate(problem):
 
 def test_read_outs_neither_read_nor_write_the_global_param_store(problem):
     prior = {"kind": "spike_and_slab", "pi_prior": {"a": 2.0, "b": 3.0}}
-    _, guide, post = make(problem, gating="stochastic", prior=prior)
+    _, guide, post = make(problem, gating="ungated", prior=prior)
     # another fit's parameter under the same name: Pyro would otherwise load it into the guide
     pyro.param("pi_alpha", torch.full((3, 2), 50.0), constraint=constraints.positive)
     post.predictive(problem.data, num_samples=2)

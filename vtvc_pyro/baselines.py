@@ -13,7 +13,7 @@ from torch import nn
 
 from vtvc_pyro.guide import amortizer
 from vtvc_pyro.heads import HeadBank
-from vtvc_pyro.model import Batch, Encoder, FrozenNetworks, observe, own_params, plates
+from vtvc_pyro.model import Batch, Encoder, FrozenNetworks, observe, own_params, plates, require_finite_params
 
 
 def empty_guide(batch: Batch, kl_scale: float = 1.0) -> None:
@@ -48,6 +48,7 @@ class ATLASModel(PyroModule):
         with data:
             with tasks, blocks:
                 coef = pyro.deterministic("coef", self.coef(batch.index.shape[0]))
+            require_finite_params(self, "site 'coef'")
             return observe(self.frozen, batch, coef)
 
     @torch.no_grad()
@@ -86,6 +87,7 @@ class MetaNetModel(PyroModule):
         with data:
             with tasks, blocks:
                 coef = pyro.deterministic("coef", self.coef(batch.features0))
+            require_finite_params(self, "site 'coef'")
             return observe(self.frozen, batch, coef)
 
     @torch.no_grad()

@@ -106,6 +106,21 @@ def _show(args: argparse.Namespace) -> None:
         print(to_markdown(metrics["methods"], metrics["tasks"], title))
 
 
+def _report(args: argparse.Namespace) -> None:
+    import json
+
+    from vtvc_pyro.experiment.report import to_csv, to_markdown
+
+    path = os.path.join(args.path, "metrics.json") if os.path.isdir(args.path) else args.path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; give a finished run directory or its metrics.json")
+    with open(path) as handle:
+        metrics = json.load(handle)
+    rows, tasks = metrics["methods"], metrics["tasks"]
+    table = to_markdown(rows, tasks, metrics.get("title", "")) if args.markdown else to_csv(rows, tasks)
+    print(table, end="")
+
+
 def _add(sub: argparse._SubParsersAction, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
                           formatter_class=_FORMAT)
@@ -196,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "show", "print a run directory's comparison table", "vtvc show runs/quickstart")
     p.add_argument("run", help="a run directory")
     p.set_defaults(handler=_show)
+
+    p = _add(sub, "report", "print a run's comparison table (mean ± sd over seeds) from its metrics.json, as "
+             "CSV or Markdown", "vtvc report experiments/results/quickstart.json --markdown")
+    p.add_argument("path", help="a run directory or a metrics.json (e.g. a committed run summary)")
+    p.add_argument("--markdown", action="store_true", help="Markdown (title, table, legend) instead of CSV")
+    p.set_defaults(handler=_report)
     return parser
 
 

@@ -1,6 +1,9 @@
-"""Gated sampling (METHOD §4): a deterministic keep/drop decision from the posterior's importance and
-uncertainty, replacing the random gate draw. A rule is any function ``(logits, loc, scale) -> gate`` whose
-forward value is exactly 0/1; :class:`ImportanceUncertaintyGate` is the default.
+"""Gated sampling (METHOD §4): a deterministic filter ``F(ℓ, μ, σ)`` that removes unimportant or unreliable
+components before anything is sampled for them. The guide's gate is ``F_st · z`` with ``z`` a relaxed
+Bernoulli straight-through draw, so ``q(gate) = Bernoulli(p · F)``.
+
+A filter is any function ``(logits, loc, scale) -> F_st`` whose forward value is exactly 0/1 (its gradient
+is the filter's surrogate); :class:`ImportanceUncertaintyFilter` is the default.
 """
 
 from __future__ import annotations
@@ -10,17 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-GateRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GateFilter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class ImportanceUncertaintyGate:
-    """Keep a component when it is likely included and its coefficient is large relative to its uncertainty::
+class ImportanceUncertaintyFilter:
+    """Keep a component when its coefficient is large relative to its uncertainty::
 
         u = tanh(σ / (|μ| + ε)),   τ = τ0 · (1 + β · u)
-        G = 1[sigmoid(ℓ) ≥ 0.5] · 1[|μ| ≥ τ]                  (hard gate: the forward value)
-        G̃ = sigmoid(ℓ) · sigmoid(k · (|μ| − τ))               (soft gate: the gradient)
-        gate = G + (G̃ − G̃.detach())
+        F = 1[|μ| ≥ τ]                     (the forward value)
+        F̃ = sigmoid(k · (|μ| − τ))         (the gradient)
+        F_st = F + (F̃ − F̃.detach())
     """
 
     tau0: float = 0.05
@@ -39,16 +42,14 @@ class ImportanceUncertaintyGate:
         """``τ = τ0 · (1 + β · tanh(σ / (|μ| + ε)))``."""
         return self.tau0 * (1 + self.beta * torch.tanh(scale / (loc.abs() + self.eps)))
 
-    def hard(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``G`` as 0./1. floats."""
-        keep = (torch.sigmoid(logits) >= 0.5) & (loc.abs() >= self.threshold(loc, scale))
-        return keep.to(loc.dtype)
+    def hard(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``F`` as 0./1. floats."""
+        return (loc.abs() >= self.threshold(loc, scale)).to(loc.dtype)
 
-    def soft(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``G̃``, differentiable in all three inputs."""
-        margin = loc.abs() - self.threshold(loc, scale)
-        return torch.sigmoid(logits) * torch.sigmoid(self.sharpness * margin)
+    def soft(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``F̃``, differentiable in ``loc`` and ``scale``."""
+        return torch.sigmoid(self.sharpness * (loc.abs() - self.threshold(loc, scale)))
 
     def __call__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        soft = self.soft(logits, loc, scale)
-        return self.hard(logits, loc, scale) + (soft - soft.detach())
+        soft = self.soft(loc, scale)
+        return self.hard(loc, scale) + (soft - soft.detach())

@@ -1,5 +1,6 @@
 """The SVI engine (METHOD §5): ELBO choice, mini-batches scaled to the full data, KL annealing, ClippedAdam
-with a total learning-rate decay, a NaN/inf guard, and checkpoints a resumed run continues from exactly.
+with a total learning-rate decay, a NaN/inf guard, a per-step record of the objective and its parts, and
+checkpoints a resumed run continues from exactly.
 
 The fit runs in its own param-store scope: it neither reads nor leaks global param-store entries, and the
 fitted values stay in the guide's (and model's) modules.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +25,9 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -40,9 +44,14 @@ from vtvc_pyro.io import atomic_path
 from vtvc_pyro.model import Batch, FrozenNetworks, NonFiniteError
 
 ELBOS = ("meanfield", "trace")
-CHECKPOINT_FORMAT = "vtvc-svi-checkpoint/1"
+CHECKPOINT_FORMAT = "vtvc-svi-checkpoint/2"
 # Fields that may change between a run and its resumption without changing what it computes.
 _RESUME_FREE = ("checkpoint_every", "progress", "feature_batch_size", "device")
+
+
+class CheckpointError(ValueError):
+    """An SVI checkpoint that cannot be resumed from (truncated, unreadable, another format, non-finite
+    values); the message names the file. The fit can be restarted from scratch (``resume=False``)."""
 
 
 @dataclass(frozen=True)
@@ -107,27 +116,50 @@ class SVIConfig:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What the per-step callback receives."""
+    """One SVI step, per datum: mini-batch estimates scaled to the full data (``N / n``). What the per-step
+    callback receives and what :class:`FitResult` keeps."""
 
     step: int
-    loss: float  # −ELBO per datum
-    kl_scale: float
+    kl_scale: float  # the KL weight of this step (kl_weight × warm-up)
     lr: float
+    tempered_elbo: float  # the objective that was optimised: expected_log_likelihood − kl_scale · kl
+    elbo: float  # the ELBO at KL weight 1: expected_log_likelihood − kl
+    expected_log_likelihood: float  # E_q[log p(y | x, coef)]
+    kl: float  # KL(q ‖ p) of the latent sites
+
+
+STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepInfo))
+PER_DATUM = ("tempered_elbo", "elbo", "expected_log_likelihood", "kl")
 
 
 @dataclass
 class FitResult:
-    """``losses[i]`` is the −ELBO per datum of step ``i + 1`` (steps before a resume included)."""
+    """``history[i]`` is the record of step ``i + 1`` (steps before a resume included)."""
 
-    losses: list[float]
+    history: list[StepInfo]
     steps: int
     seconds: float
     start_step: int
     features0: torch.Tensor = field(repr=False)
 
+    def _column(self, name: str) -> list[float]:
+        return [getattr(record, name) for record in self.history]
+
+    @property
+    def tempered_elbo(self) -> list[float]:
+        return self._column("tempered_elbo")
+
     @property
     def elbo(self) -> list[float]:
-        return [-loss for loss in self.losses]
+        return self._column("elbo")
+
+    @property
+    def expected_log_likelihood(self) -> list[float]:
+        return self._column("expected_log_likelihood")
+
+    @property
+    def kl(self) -> list[float]:
+        return self._column("kl")
 
 
 @torch.no_grad()
@@ -160,9 +192,40 @@ def pretrained_features(frozen: FrozenNetworks, data: Dataset, *, batch_size: in
     return features
 
 
-def make_elbo(config: SVIConfig) -> Trace_ELBO:
-    """``TraceMeanField_ELBO`` (analytic KL where registered) or ``Trace_ELBO`` (Monte Carlo)."""
-    cls = TraceMeanField_ELBO if config.elbo == "meanfield" else Trace_ELBO
+class _RecordsParts:
+    """Splits every particle's ELBO into the observed sites' log-likelihood and the latent sites' KL (as
+    scaled in the traces), computed the way the ELBO computes it; ``parts`` holds one pair per particle of the
+    last evaluation."""
+
+    parts: list[tuple[float, float]]
+
+    def _get_traces(self, model: Callable, guide: Callable, args: Any, kwargs: Any) -> Any:
+        self.parts = []
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            observed = [name for name, site in model_trace.nodes.items()
+                        if site["type"] == "sample" and site["is_observed"]]
+            log_likelihood = sum(float(torch.as_tensor(model_trace.nodes[name]["log_prob_sum"]).detach())
+                                 for name in observed)
+            latent = model_trace.copy()
+            for name in observed:
+                latent.remove_node(name)
+            with torch.no_grad():
+                kl = self._differentiable_loss_particle(latent, guide_trace)[0]
+            self.parts.append((log_likelihood, float(kl)))
+            yield model_trace, guide_trace
+
+
+class MeanFieldELBO(_RecordsParts, TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` (analytic KL where registered) that records its parts."""
+
+
+class MonteCarloELBO(_RecordsParts, Trace_ELBO):
+    """``Trace_ELBO`` (Monte Carlo KL) that records its parts."""
+
+
+def make_elbo(config: SVIConfig) -> MeanFieldELBO | MonteCarloELBO:
+    """The ELBO ``config.elbo`` names: ``meanfield`` or ``trace``."""
+    cls = MeanFieldELBO if config.elbo == "meanfield" else MonteCarloELBO
     return cls(num_particles=config.num_particles, max_plate_nesting=3)
 
 
@@ -200,11 +263,12 @@ def _restore(snapshot: Mapping[str, torch.Tensor]) -> None:
 
 
 def _checkpoint_state(step: int, config: SVIConfig, optim: pyro.optim.PyroOptim, order: dict[str, int],
-                      losses: list[float]) -> dict[str, Any]:
+                      history: list[StepInfo]) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly as an uninterrupted one."""
     return {"format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(config),
             "params": {n: p.detach().cpu().clone() for n, p in _named_params().items()},
-            "optimizer": optim.get_state(), "rng": _rng_state(), "data_order": order, "losses": losses}
+            "optimizer": optim.get_state(), "rng": _rng_state(), "data_order": order,
+            "history": [dataclasses.asdict(record) for record in history]}
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
@@ -213,10 +277,43 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
         torch.save(dict(state), tmp)
 
 
+_CHECKPOINT_KEYS = ("step", "config", "params", "optimizer", "rng", "data_order", "history")
+
+
+def _tensors(value: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts / lists / tuples, with its path."""
+    if isinstance(value, torch.Tensor):
+        return [(where, value)]
+    if isinstance(value, Mapping):
+        return [t for key, item in value.items() for t in _tensors(item, f"{where}[{key!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [t for i, item in enumerate(value) for t in _tensors(item, f"{where}[{i}]")]
+    return []
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by :func:`fit_svi`; :class:`CheckpointError` naming the file when it is truncated,
+    unreadable, of another format, or holds a non-finite parameter or optimizer value."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: unreadable SVI checkpoint (truncated or corrupt: "
+                              f"{type(err).__name__}); the fit can restart from scratch") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (found {found!r}); the fit can "
+                              "restart from scratch")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: SVI checkpoint lacks {missing[0]!r}; the fit can restart from "
+                              "scratch")
+    named = [(f"parameter {name!r}", value) for name, value in state["params"].items()]
+    for where, tensor in named + _tensors(state["optimizer"], "optimizer state"):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {where} holds non-finite values; the fit can restart from "
+                                  "scratch")
     return state
 
 
@@ -246,38 +343,80 @@ def _load_params(saved: Mapping[str, torch.Tensor], path: Any) -> None:
             param.copy_(saved[name])
 
 
-def _step(svi: SVI, batch: Batch, kl_scale: float) -> float:
-    """``SVI.step`` that checks the loss and gradients before it updates anything."""
+def save_fitted(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+                ) -> None:
+    """A fitted module's parameters and buffers as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+
+
+def load_fitted(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load :func:`save_fitted`'s file into ``module``; ``ValueError`` naming the file and the tensor when it
+    is unreadable, holds non-finite values, or does not match the module."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: unreadable fitted-module file (truncated or corrupt: {err})") from err
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name!r} holds non-finite values")
+    expected = module.state_dict()
+    if set(tensors) != set(expected):
+        raise ValueError(f"{path}: tensors {sorted(set(tensors) ^ set(expected))} are in only one of the "
+                         "file and the module")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} in the file, "
+                             f"{tuple(expected[name].shape)} in the module")
+    module.load_state_dict(tensors)
+    return module
+
+
+def _step(svi: SVI, elbo: MeanFieldELBO | MonteCarloELBO, batch: Batch, kl_scale: float
+          ) -> tuple[float, float]:
+    """``SVI.step`` that checks the loss and gradients before it updates anything; returns the mean over
+    particles of the log-likelihood and of the (tempered) KL, as scaled in the traces."""
     with poutine.trace(param_only=True) as capture:
-        loss = svi.loss_and_grads(svi.model, svi.guide, batch, kl_scale=kl_scale)
+        loss = elbo.loss_and_grads(svi.model, svi.guide, batch, kl_scale=kl_scale)
     distributed.all_reduce_grads(p for _, p in sorted(_named_params().items()))
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     if not math.isfinite(loss):
-        raise NonFiniteError(f"the ELBO is {loss} although every sample site was finite")
+        raise NonFiniteError(f"the objective is {loss} although every sample site was finite")
     for name, param in _named_params().items():
         if param.grad is not None and not torch.isfinite(param.grad).all():
             raise NonFiniteError(f"the gradient of parameter {name!r} is non-finite")
     svi.optim(params)
     zero_grads(params)
-    return float(loss)
+    parts = elbo.parts
+    return sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts) / len(parts)
 
 
-def _guarded_step(svi: SVI, batch: Batch, kl_scale: float, step: int) -> float:
-    """One step; on a NaN/inf the parameters go back to their values before it, and the error names the
-    step."""
+def _guarded(step: int, action: Callable[[], Any]) -> Any:
+    """Run ``action`` (one step, or the pass that registers the parameters before step 1); on a NaN/inf the
+    parameters go back to their values before it, and the error names the step."""
     params = _named_params()
     snapshot = {name: p.detach().clone() for name, p in params.items()}
     try:
-        loss = _step(svi, batch, kl_scale)
-        bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+        out = action()
+        bad = [name for name, p in _named_params().items() if not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteError(f"parameter {bad[0]!r} became non-finite")
     except NonFiniteError as err:
-        zero_grads(set(params.values()))
+        zero_grads(set(_named_params().values()))
         _restore(snapshot)
-        raise NonFiniteError(f"step {step}: {err}; parameters restored to their values after step "
-                             f"{step - 1}") from err
-    return loss
+        before = f"their values after step {step - 1}" if step > 1 else "their initial values"
+        raise NonFiniteError(f"step {step}: {err}; parameters restored to {before}") from err
+    return out
+
+
+def _record(step: int, kl_scale: float, lr: float, parts: tuple[float, float], num_data: int) -> StepInfo:
+    """Per-datum parts of one step; the KL at weight 1 is the traces' KL divided by ``kl_scale``."""
+    log_likelihood, tempered_kl = parts[0] / num_data, parts[1] / num_data
+    kl = tempered_kl / kl_scale
+    return StepInfo(step, kl_scale, lr, log_likelihood - tempered_kl, log_likelihood - kl, log_likelihood, kl)
 
 
 def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig | None = None, *,
@@ -286,10 +425,10 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
             loader: LoaderConfig | None = None) -> FitResult:
     """Fit ``guide`` (and any parameters of ``model``) by SVI on ``data`` (items ``(index, image, label,
     task_id)``) on ``config.device``. ``model.frozen`` provides the pre-trained features. With
-    ``checkpoint_path`` and ``resume``, an existing checkpoint is continued exactly; ``callback`` runs after
-    every step (on every rank). Images are loaded by a ``DataLoader`` (``loader``); in a distributed run
-    (:mod:`vtvc_pyro.distributed`) each rank loads and encodes its rows of every batch and rank 0 alone
-    writes the checkpoint."""
+    ``checkpoint_path`` and ``resume``, an existing checkpoint is continued exactly (:class:`CheckpointError`
+    when it cannot be read); ``callback`` runs after every step (on every rank). Images are loaded by a
+    ``DataLoader`` (``loader``); in a distributed run (:mod:`vtvc_pyro.distributed`) each rank loads and
+    encodes its rows of every batch and rank 0 alone writes the checkpoint."""
     config = config or SVIConfig()
     started = time.perf_counter()
     device = torch.device(config.device)
@@ -304,7 +443,8 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
         raise ValueError(f"features0 has {features0.shape[0]} rows for a dataset of {num_data}")
     lrd = config.lr_decay ** (1.0 / config.steps)
     optim = pyro.optim.ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm, "lrd": lrd})
-    svi = SVI(model, guide, optim, make_elbo(config))
+    elbo = make_elbo(config)
+    svi = SVI(model, guide, optim, elbo)
     state = None
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file() and distributed.is_main():
         state = load_checkpoint(checkpoint_path)
@@ -312,6 +452,7 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
     if state is not None:
         _check_resumable(state, config, num_data, checkpoint_path)
     sharded = distributed.active()
+    start = 0 if state is None else state["step"]
 
     def batches(start: int, stop: int) -> Iterator[Batch]:
         """The batches of steps ``start + 1 … stop`` (this rank's images of each)."""
@@ -325,16 +466,19 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
                 positions.to(device), images.to(device, non_blocking=True), features0[positions].to(device),
                 labels.to(device), task.to(device), num_data)
 
-    with distributed.split_encoder(model), pyro.get_param_store().scope():
-        with torch.no_grad(), poutine.trace(param_only=True):  # register the parameters in this scope
-            first = next(batches(0, 1))
+    def register() -> None:  # the parameters enter this scope's store on a first, gradient-free pass
+        first = next(batches(start, start + 1))
+        with torch.no_grad(), poutine.trace(param_only=True):
             guide(first, kl_scale=1.0)
             model(first, kl_scale=1.0)
+
+    with distributed.split_encoder(model), pyro.get_param_store().scope():
+        _guarded(start + 1, register)
         if state is None:
-            start, losses = 0, []
+            history = []
             pyro.set_rng_seed(config.seed)
         else:
-            start, losses = state["step"], list(state["losses"])
+            history = [StepInfo(**record) for record in state["history"]]
             _load_params(state["params"], checkpoint_path)
             optim.set_state(state["optimizer"])
             _set_rng_state(state["rng"])
@@ -343,17 +487,17 @@ def fit_svi(model: Callable, guide: Callable, data: Dataset, config: SVIConfig |
                   disable=not config.progress or not distributed.is_main()) as bar:
             for step, batch in enumerate(batches(start, config.steps), start + 1):
                 kl_scale = config.kl_scale(step)
-                loss = _guarded_step(svi, batch, kl_scale, step) / num_data
-                losses.append(loss)
+                parts = _guarded(step, lambda: _step(svi, elbo, batch, kl_scale))  # noqa: B023 (runs at once)
+                history.append(_record(step, kl_scale, config.lr * lrd**step, parts, num_data))
                 every = config.checkpoint_every
                 if checkpoint_path is not None and (step == config.steps or (every and step % every == 0)):
                     if distributed.is_main():
                         order = step_order(step, num_data, config.batch_size)
-                        snapshot = _checkpoint_state(step, config, optim, order, losses)
+                        snapshot = _checkpoint_state(step, config, optim, order, history)
                         save_checkpoint(checkpoint_path, snapshot)
                     distributed.barrier()
                 bar.update(1)
-                bar.set_postfix(elbo_per_datum=f"{-loss:.4f}")
+                bar.set_postfix(tempered_elbo=f"{history[-1].tempered_elbo:.4f}")
                 if callback is not None:
-                    callback(StepInfo(step, loss, kl_scale, config.lr * lrd**step))
-    return FitResult(losses, config.steps, time.perf_counter() - started, start, features0)
+                    callback(history[-1])
+    return FitResult(history, config.steps, time.perf_counter() - started, start, features0)

@@ -1,11 +1,15 @@
 """The guide's gate and slab distributions, and their analytic KL divergences to the prior (METHOD §5).
 
-Registered with ``torch.distributions.kl.register_kl``, so ``TraceMeanField_ELBO`` uses them:
+With the gating filter ``F`` (0/1 forward, straight-through gradient) and ``p = sigmoid(ℓ)``, the gate is
+``q(gate) = Bernoulli(p_eff)``, ``p_eff = p · F``. Registered with ``torch.distributions.kl.register_kl``, so
+``TraceMeanField_ELBO`` uses them:
 
-    KL(q(gate) ‖ Bernoulli(π))            = KL(Bern(p) ‖ Bern(π))
-    E_q(gate) KL(q(slab | gate) ‖ N(m, s)) = p · KL(N(μ, σ) ‖ N(m, s))
+    KL(q(gate) ‖ Bernoulli(π))             = F · KL(Bern(p) ‖ Bern(π)) + (1 − F) · (−log(1 − π))
+    E_q(gate) KL(q(slab | gate) ‖ N(m, s))  = p_eff · KL(N(μ, σ) ‖ N(m, s))
 
-Both are differentiable in the guide's ``logits``, ``loc`` and ``scale``.
+For a 0/1 filter the first line is exactly ``KL(Bern(p_eff) ‖ Bern(π))``; written linear in ``F`` its
+straight-through gradient is finite (``KL(Bern(q) ‖ ·)`` has an infinite slope at ``q = 0``). Both are
+differentiable in the guide's ``logits``, ``loc`` and ``scale``.
 """
 
 from __future__ import annotations
@@ -21,61 +25,55 @@ _EMPTY = torch.Size()
 
 
 class GateBernoulli(TorchDistribution):
-    """``q(gate) = Bernoulli(sigmoid(logits))`` with reparameterised draws.
+    """``q(gate) = Bernoulli(sigmoid(logits) · keep)``, reparameterised draws ``keep · z``.
 
-    A draw is a relaxed straight-through sample (exact 0/1 forward, gradient of
-    ``RelaxedBernoulli(temperature, logits)``), or the given gated ``decision`` (METHOD §4). ``log_prob`` is
-    the Bernoulli mass of the 0/1 value, so ``Trace_ELBO``'s ``log q − log p`` is an unbiased KL estimate for
-    relaxed draws and a plug-in one at a gated decision; ``TraceMeanField_ELBO`` uses the exact KL.
+    ``z`` is a relaxed straight-through sample (exact 0/1 forward, gradient of
+    ``RelaxedBernoulli(temperature, logits)``); ``keep`` is the gating filter's ``F_st`` (all ones: no
+    filter). ``log_prob`` is the mass of the 0/1 value, ``keep · log Bern(value; p)`` (and ``−inf`` for a 1
+    where ``keep`` is 0), so ``Trace_ELBO``'s ``log q − log p`` is an unbiased estimate of the registered KL.
     """
 
     arg_constraints = {"logits": constraints.real}
     support = constraints.boolean
     has_rsample = True
 
-    def __init__(self, logits: torch.Tensor, temperature: float = 0.5, decision: torch.Tensor | None = None,
+    def __init__(self, logits: torch.Tensor, temperature: float = 0.5, keep: torch.Tensor | None = None,
                  validate_args: bool | None = None):
         self.logits = logits
         self.temperature = float(temperature)
-        self.decision = None if decision is None else decision.expand(logits.shape)
+        self.keep = torch.ones_like(logits) if keep is None else keep.expand(logits.shape)
         super().__init__(logits.shape, validate_args=validate_args)
 
     @lazy_property
     def probs(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits)
+        """``p_eff = sigmoid(logits) · keep``."""
+        return torch.sigmoid(self.logits) * self.keep
 
     @property
     def mean(self) -> torch.Tensor:
         return self.probs
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return self.probs * (1 - self.probs)
 
     def expand(self, batch_shape: torch.Size, _instance: GateBernoulli | None = None) -> GateBernoulli:
         new = self._get_checked_instance(GateBernoulli, _instance)
         batch_shape = torch.Size(batch_shape)
         new.logits = self.logits.expand(batch_shape)
         new.temperature = self.temperature
-        new.decision = None if self.decision is None else self.decision.expand(batch_shape)
+        new.keep = self.keep.expand(batch_shape)
         super(GateBernoulli, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
     def rsample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
-        if self.decision is not None:
-            return self.decision.expand(self._extended_shape(sample_shape))
         temperature = torch.tensor(self.temperature, dtype=self.logits.dtype, device=self.logits.device)
-        return dist.RelaxedBernoulliStraightThrough(temperature, logits=self.logits).rsample(sample_shape)
+        draw = dist.RelaxedBernoulliStraightThrough(temperature, logits=self.logits).rsample(sample_shape)
+        return self.keep * draw
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = broadcast_all(self.logits, value)
-        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
-
-    def entropy(self) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(self.logits, self.probs, reduction="none")
+        logits, keep, value = broadcast_all(self.logits, self.keep, value)
+        on = -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return torch.where((value > 0) & (keep == 0), float("-inf"), keep * on)
 
 
 class SlabNormal(dist.Normal):
@@ -86,7 +84,7 @@ class SlabNormal(dist.Normal):
     (``∂coef/∂gate = slab``) asks what the coefficient would do if switched on. ``log_prob`` is the family's
     density (``gate · log N(loc, scale) + (1 − gate) · log prior``), so under ``Trace_ELBO`` an unused slab
     costs no KL; averaged over the gate the KL is ``inclusion · KL(N(loc, scale) ‖ prior)`` (registered
-    below).
+    below), ``inclusion`` being the gate's ``p_eff``.
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, inclusion: torch.Tensor, gate: torch.Tensor,
@@ -108,7 +106,8 @@ class SlabNormal(dist.Normal):
 
 @register_kl(GateBernoulli, torch.distributions.Bernoulli)
 def _kl_gate_bernoulli(q: GateBernoulli, p: torch.distributions.Bernoulli) -> torch.Tensor:
-    return kl_divergence(torch.distributions.Bernoulli(logits=q.logits), p)
+    included = kl_divergence(torch.distributions.Bernoulli(logits=q.logits), p)
+    return q.keep * included - (1 - q.keep) * torch.log1p(-p.probs)
 
 
 @register_kl(SlabNormal, torch.distributions.Normal)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
+from torch import nn
 
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.priors import PriorSpec, as_prior
@@ -33,6 +34,13 @@ def require_finite(value: torch.Tensor, what: str, *, allow_neg_inf: bool = Fals
     if bad.any():
         raise NonFiniteError(f"{what} has {int(bad.sum())} non-finite value(s) of {value.numel()}")
     return value
+
+
+def require_finite_params(module: nn.Module, sites: str) -> None:
+    """:class:`NonFiniteError` naming the first parameter of ``module`` (and the ``sites`` it feeds) that
+    holds a NaN or infinity: the one check every guide and baseline runs on its parameters."""
+    for name, param in module.named_parameters():
+        require_finite(param.detach(), f"{sites}: parameter {name!r}")
 
 
 @contextlib.contextmanager

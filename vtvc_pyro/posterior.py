@@ -82,7 +82,7 @@ class Posterior:
     @own_params()
     def predict(self, images: torch.Tensor, task: torch.Tensor, num_samples: int = 0) -> torch.Tensor:
         """``[n, C_max]`` class probabilities: the deterministic gated prediction (``num_samples = 0``,
-        ``coef = G · μ``) or the Monte Carlo predictive mean over ``num_samples`` guide draws."""
+        ``coef = 1[p_eff ≥ 0.5] · μ``) or the Monte Carlo predictive mean over ``num_samples`` guide draws."""
         features0 = self.frozen.features0(images)
         if num_samples == 0:
             return self.frozen.logits(images, task, self.guide.point_coef(features0)).softmax(-1)
@@ -93,15 +93,16 @@ class Posterior:
     @torch.no_grad()
     @own_params()
     def summarize(self, data: Dataset, features0: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per sample ``[N, T, B]``: ``inclusion`` ``sigmoid(ℓ)`` (1 without a spike), ``loc``, ``scale``, the
-        evaluation ``gate`` decision and ``coef = gate · loc``; and ``task`` ``[N]``, each sample's head."""
+        """Per sample ``[N, T, B]``: ``inclusion`` ``p_eff = sigmoid(ℓ) · F`` (1 without a spike), ``loc``,
+        ``scale``, the evaluation ``gate`` decision and ``coef = gate · loc``; and ``task`` ``[N]``, each
+        sample's head."""
         features0 = self._features0(data, features0)
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("inclusion", "loc", "scale", "gate", "coef")}
         for start in range(0, len(data), self.batch_size):
             chunk = features0[start:start + self.batch_size].to(self.device)
             logits, loc, scale = self.guide.components(chunk)
             gate = self.guide.decide(logits, loc, scale)
-            inclusion = torch.sigmoid(logits) if self.guide.prior.has_spike else torch.ones_like(loc)
+            inclusion = self.guide.effective_inclusion(logits, loc, scale)
             for key, value in zip(parts, (inclusion, loc, scale, gate, gate * loc), strict=True):
                 parts[key].append(value.cpu())
         out = {key: torch.cat(values) for key, values in parts.items()}

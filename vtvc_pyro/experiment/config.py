@@ -53,7 +53,7 @@ FITTED_METHODS = ("task_arithmetic", "ties", "atlas", "metanet", "vtvc_gaussian"
 """Methods whose settings a variant may change (``variants:``)."""
 
 VARIANT_SECTIONS = (
-    "prior", "guide", "svi", "baselines", "blocks", "protocol.alpha_grid", "protocol.ties_top_k",
+    "prior", "guide", "svi", "baselines", "selection", "blocks", "protocol.alpha_grid", "protocol.ties_top_k",
 )
 """The only keys a variant's ``set:`` may touch: the ones that change how a method is fitted."""
 
@@ -257,6 +257,26 @@ class BaselineSettings(_Section):
     batch_size: PositiveInt = _SVI.batch_size
 
 
+class SelectionSettings(_Section):
+    """Held-out choice of ``svi.kl_weight`` for every VTVC method (METHOD §5), never on test: the fit data are
+    split per task with ``split_seed`` (a ``heldout`` share of each task's fit samples held out); each
+    candidate is fitted on the rest and scored on the held-out part by mean normalised accuracy (the
+    fine-tuned models' val accuracy as the normaliser; ties go to the smaller NLL); the best one is then
+    fitted on all fit data. No candidates: ``svi.kl_weight`` is used as given."""
+
+    kl_weights: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] = ()
+    heldout: float = Field(default=0.2, gt=0, lt=1)
+    split_seed: Annotated[int, Field(ge=0, strict=True)] = 0
+
+    @field_validator("kl_weights")
+    @classmethod
+    def _distinct(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]!r} is listed twice")
+        return values
+
+
 class EvalSettings(_Section):
     batch_size: PositiveInt = _SVI.feature_batch_size
     mc_samples: Annotated[int, Field(ge=0, strict=True)] = 0
@@ -291,6 +311,9 @@ class ExperimentConfig(_Section):
 
     name: str = "experiment"
     seed: Annotated[int, Field(ge=0, strict=True)] = 0
+    """Seed of the data subsets and splits, and of the learned methods' fits unless ``seeds`` is given."""
+    seeds: tuple[Annotated[int, Field(ge=0, strict=True)], ...] | None = None
+    """Fit every learned method once per seed (same zoo, data and splits); tables report mean ± sd."""
     threads: PositiveInt | None = None
     """torch intra-op threads for the run (null: torch's default). Tiny ViTs run fastest on 1."""
     device: str = "auto"
@@ -311,6 +334,7 @@ class ExperimentConfig(_Section):
     guide: GuideConfig = GuideConfig()
     svi: SVIConfig = _SVI
     baselines: BaselineSettings = BaselineSettings()
+    selection: SelectionSettings = SelectionSettings()
     eval: EvalSettings = EvalSettings()
 
     @field_validator("device")
@@ -353,6 +377,12 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"methods[{i}]: unknown method {method!r}; known: {', '.join(known)}")
             if method in self.methods[:i]:
                 raise ValueError(f"methods[{i}]: {method!r} is listed twice")
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds: must name at least one seed, or be null for `seed`")
+            twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            if twice:
+                raise ValueError(f"seeds: seed {twice[0]} is listed twice")
         if "vtvc_merged" in self.methods and "vtvc" not in self.methods:
             raise ValueError("methods: vtvc_merged merges the posterior of vtvc; list vtvc too")
         if self.protocol.name == "negation":
@@ -367,6 +397,11 @@ class ExperimentConfig(_Section):
         if self.prior.relaxed and self.guide.gating == "gated":
             raise ValueError("guide.gating: a relaxed spike (prior.temperature) needs a stochastic gating")
         return self
+
+    @property
+    def fit_seeds(self) -> tuple[int, ...]:
+        """The seeds every learned method is fitted with."""
+        return self.seeds if self.seeds is not None else (self.seed,)
 
     def svi_config(self, *, progress: bool = True, device: str = "cpu") -> SVIConfig:
         """The SVI engine's settings for this run (the run-level seed, feature batch size and the resolved

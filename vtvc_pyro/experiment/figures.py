@@ -34,7 +34,7 @@ def posterior_files(run: RunDirectory, method: str) -> dict[str, Path]:
 
 def _elbo(path: Path) -> list[float]:
     with open(path, newline="") as handle:
-        return [float(row["elbo_per_datum"]) for row in csv.DictReader(handle)]
+        return [float(row["tempered_elbo"]) for row in csv.DictReader(handle)]
 
 
 def _posterior_figures(run: RunDirectory, method: str, problem: str, path: Path) -> list[Path]:

@@ -34,8 +34,15 @@ from vtvc_pyro.experiment.scoring import (
     predict_dataset,
     scores_from_probs,
 )
-from vtvc_pyro.guide import GATINGS, build_guide
-from vtvc_pyro.inference import FitResult, fit_svi
+from vtvc_pyro.guide import GATINGS, GateSlabGuide, build_guide
+from vtvc_pyro.inference import (
+    PER_DATUM,
+    STEP_FIELDS,
+    CheckpointError,
+    FitResult,
+    fit_svi,
+    save_fitted,
+)
 from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
@@ -60,19 +67,21 @@ class Method:
     needs: tuple[str, ...] = ()
     restore: Callable[[Context, Problem, Mapping[str, Any]], Any] | None = None
     posterior: bool = False
+    seeded: bool = False
 
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, needs: tuple[str, ...] = (), restore: Callable | None = None,
-             posterior: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator: register ``solve`` as the method ``name``."""
+             posterior: bool = False, seeded: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: register ``solve`` as the method ``name`` (``seeded``: a learned method, fitted once per
+    seed of ``seeds``)."""
 
     def add(solve: Callable[[Context, Problem], Outcome]) -> Callable[[Context, Problem], Outcome]:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
-        REGISTRY[name] = Method(name, solve, needs, restore, posterior)
+        REGISTRY[name] = Method(name, solve, needs, restore, posterior, seeded)
         return solve
 
     return add
@@ -98,11 +107,12 @@ def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks
                             ctx.cfg.eval.batch_size, ctx.runtime.loader, ctx.runtime.device)
 
 
-def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool
-         ) -> FitResult:
-    """SVI on the problem's fit data, continuing from the method's checkpoint if a previous run left one. The
-    deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO (no latents).
-    A negation problem fits with the forgetting likelihood."""
+def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool,
+         positions: list[int] | None = None, kl_weight: float | None = None) -> FitResult:
+    """SVI on the problem's fit data (or the samples at ``positions``), continuing from the method's
+    checkpoint if a previous run left one; an unreadable checkpoint is reported and the fit restarts from
+    scratch. The deterministic baselines use the ``baselines`` steps, lr and batch size and the plain ELBO
+    (no latents). A negation problem fits with the forgetting likelihood."""
     config = ctx.cfg.svi_config(progress=ctx.progress, device=ctx.runtime.device)
     if problem.forget is not None:
         model = forgetting(model, problem)
@@ -110,16 +120,30 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
         b = ctx.cfg.baselines
         config = dataclasses.replace(config, steps=b.steps, lr=b.lr, batch_size=b.batch_size, elbo="trace",
                                      num_particles=1, kl_weight=1.0, kl_anneal_steps=0)
-    fit = fit_svi(model, guide, problem.joined("fit"), config, features0=ctx.features(problem, "fit"),
-                  loader=ctx.runtime.loader,
-                  checkpoint_path=ctx.checkpoint_path(problem))
+    elif kl_weight is not None:
+        config = dataclasses.replace(config, kl_weight=kl_weight)
+    data, features = problem.joined("fit"), ctx.features(problem, "fit")
+    if positions is not None:
+        data, features = Subset(data, positions), features[positions]
+    path = ctx.checkpoint_path(problem, {"kl_weight": config.kl_weight,
+                                         "positions": None if positions is None else len(positions)})
+    try:
+        fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path,
+                      loader=ctx.runtime.loader)
+    except CheckpointError as err:
+        ctx.log(f"{ctx.name}/{problem.name}: {err}; restarting this fit from scratch")
+        fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path, resume=False,
+                      loader=ctx.runtime.loader)
     if fit.start_step:
         ctx.log(f"{ctx.name}/{problem.name}: resumed SVI from its checkpoint at step {fit.start_step}")
     return fit
 
 
 def _fit_details(fit: FitResult) -> dict[str, Any]:
-    return {"steps": fit.steps, "resumed_from_step": fit.start_step, "final_elbo_per_datum": fit.elbo[-1]}
+    """The fit's length and its last step's objective, per datum, each named for what it is."""
+    last = fit.history[-1]
+    return {"steps": fit.steps, "resumed_from_step": fit.start_step,
+            "final": {name: getattr(last, name) for name in ("kl_scale", *PER_DATUM)}}
 
 
 def save_tensors(path: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
@@ -132,14 +156,15 @@ def save_tensors(path: Any, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 def _save_fit(ctx: Context, problem: Problem, module: torch.nn.Module, fit: FitResult,
               metadata: Mapping[str, Any]) -> None:
-    """``fitted.safetensors`` (the module's parameters and buffers) and ``elbo.csv`` (per step)."""
+    """``fitted.safetensors`` (the module's parameters and buffers) and ``elbo.csv`` (one row per step: KL
+    weight, learning rate, the tempered objective, the ELBO at KL weight 1 and its two parts, per datum)."""
     out = ctx.artifact_dir(problem)
     meta = {"task_names": problem.bank.task_names, "block_names": problem.bank.block_names, **metadata}
-    save_tensors(out / "fitted.safetensors", module.state_dict(), meta)
+    save_fitted(module, out / "fitted.safetensors", {k: json.dumps(v) for k, v in meta.items()})
     with atomic_write(out / "elbo.csv", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "elbo_per_datum"])
-        writer.writerows((i + 1, value) for i, value in enumerate(fit.elbo))
+        writer.writerow(STEP_FIELDS)
+        writer.writerows(dataclasses.astuple(record) for record in fit.history)
 
 
 def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict]) -> Outcome:
@@ -249,7 +274,7 @@ def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -
     return Outcome(scores, stats, _fit_details(fit))
 
 
-@register("atlas")
+@register("atlas", seeded=True)
 def atlas(ctx: Context, problem: Problem) -> Outcome:
     """aTLAS: task-level λ ∈ R^{T×B}, initialised at 0, learned by cross-entropy on the fit data."""
     with ctx.timer("fit"):
@@ -259,7 +284,7 @@ def atlas(ctx: Context, problem: Problem) -> Outcome:
     return _learned(ctx, problem, model)
 
 
-@register("metanet")
+@register("metanet", seeded=True)
 def metanet(ctx: Context, problem: Problem) -> Outcome:
     """The deterministic meta-network: the guide's g_φ outputs λ_n directly, cross-entropy only."""
     with ctx.timer("fit"):
@@ -285,15 +310,76 @@ def _task_coef_path(ctx: Context, problem: Problem) -> Any:
     return ctx.artifact_dir(problem, "vtvc") / "task_coef.safetensors"
 
 
+def heldout_split(problem: Problem, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions in the problem's fit data kept for fitting and held out: per task, a seeded ``share`` of its
+    samples (at least one) is held out."""
+    task = problem.joined("fit").task_ids
+    generator = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for k in range(len(problem.tasks)):
+        positions = torch.nonzero(task == k)[:, 0]
+        positions = positions[torch.randperm(len(positions), generator=generator)]
+        count = max(1, round(share * len(positions)))
+        held += positions[:count].tolist()
+        keep += positions[count:].tolist()
+    return sorted(keep), sorted(held)
+
+
+def _vtvc_parts(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None
+                ) -> tuple[VTVCModel, GateSlabGuide]:
+    """A fresh model and guide (the guide initialised from the run's seed)."""
+    bank = problem.bank
+    torch.manual_seed(ctx.cfg.seed)
+    model = VTVCModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
+                      bank.block_names)
+    guide = build_guide(ctx.cfg.guide, ctx.features(problem, "fit").shape[1], bank.task_names,
+                        bank.block_names, prior, gating=gating)
+    return model, guide
+
+
+def _select_kl_weight(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None
+                      ) -> tuple[float, dict[str, Any]]:
+    """``selection.kl_weights``' best candidate on the held-out part of the fit data (see
+    :class:`~vtvc_pyro.experiment.config.SelectionSettings`), and every candidate's held-out scores."""
+    settings = ctx.cfg.selection
+    keep, held = heldout_split(problem, settings.heldout, settings.split_seed)
+    reference: FinetunedReference = ctx.product("finetuned", problem)
+    fit_data = problem.joined("fit")
+    heldout = Subset(fit_data, held)
+    task_ids = fit_data.task_ids[held]
+    scores: dict[str, dict[str, float]] = {}
+    for weight in settings.kl_weights:
+        model, guide = _vtvc_parts(ctx, problem, prior, gating)
+        _fit(ctx, problem, model, guide, bayesian=True, positions=keep, kl_weight=weight)
+        predict = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                            loader=ctx.runtime.loader).predict
+        probs, labels, _ = predict_dataset(predict, heldout, ctx.cfg.eval.batch_size,
+                                           device=ctx.runtime.device, loader=ctx.runtime.loader)
+        metrics = scores_from_probs(probs, labels, task_ids, problem.heads, ctx.cfg.eval.ece_bins).tasks
+        normalized = [metrics[t].accuracy / reference.val_accuracy[t] for t in problem.tasks
+                      if reference.val_accuracy[t] > 0]
+        scores[f"{weight:g}"] = {
+            "mean_normalized_accuracy": sum(normalized) / len(normalized),
+            "mean_accuracy": sum(m.accuracy for m in metrics.values()) / len(metrics),
+            "nll": sum(m.nll for m in metrics.values()) / len(metrics)}
+        ctx.log(f"{ctx.name}/{problem.name}: kl_weight {weight:g}: held-out mean normalised accuracy "
+                f"{100 * scores[f'{weight:g}']['mean_normalized_accuracy']:.1f}%")
+    best = max(settings.kl_weights, key=lambda w: (scores[f"{w:g}"]["mean_normalized_accuracy"],
+                                                   -scores[f"{w:g}"]["nll"]))
+    return best, {"kl_weight": best, "heldout": settings.heldout, "split_seed": settings.split_seed,
+                  "heldout_samples": len(held), "scores": scores}
+
+
 def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) -> Outcome:
-    """Fit the VTVC guide by SVI, score its gated (or Monte Carlo) prediction, save the posterior."""
+    """Fit the VTVC guide by SVI (``kl_weight`` chosen on held-out fit data when ``selection.kl_weights`` is
+    set), score its gated (or Monte Carlo) prediction, save the posterior."""
     bank = problem.bank
     with ctx.timer("fit"):
-        model = VTVCModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
-                          bank.block_names)
-        guide = build_guide(ctx.cfg.guide, ctx.features(problem, "fit").shape[1], bank.task_names,
-                            bank.block_names, prior, gating=gating)
-        fit = _fit(ctx, problem, model, guide, bayesian=True)
+        kl_weight, selection = None, None
+        if ctx.cfg.selection.kl_weights:
+            kl_weight, selection = _select_kl_weight(ctx, problem, prior, gating)
+        model, guide = _vtvc_parts(ctx, problem, prior, gating)
+        fit = _fit(ctx, problem, model, guide, bayesian=True, kl_weight=kl_weight)
 
     with ctx.timer("eval"):
         post = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
@@ -322,7 +408,10 @@ def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) 
             idata.to_netcdf(str(tmp))
         _save_fit(ctx, problem, guide, fit, {"method": ctx.name, "guide": ctx.cfg.guide.kind,
                                              "gating": guide.gating, "prior": prior.to_mapping()})
-    details = {**_fit_details(fit), "gating": guide.gating, "prior": prior.to_mapping()}
+    details = {**_fit_details(fit), "gating": guide.gating, "prior": prior.to_mapping(),
+               "kl_weight": ctx.cfg.svi.kl_weight if kl_weight is None else kl_weight}
+    if selection is not None:
+        details["selection"] = selection
     if problem.forget is not None:
         details["inclusion"] = inclusion_by_input(summary, problem)
     return Outcome(scores, stats, details, product=task_coef)
@@ -336,25 +425,25 @@ def _restore_task_coef(ctx: Context, problem: Problem, result: Mapping[str, Any]
     return load_file(str(path))
 
 
-@register("vtvc", restore=_restore_task_coef, posterior=True)
+@register("vtvc", needs=("finetuned",), restore=_restore_task_coef, posterior=True, seeded=True)
 def vtvc(ctx: Context, problem: Problem) -> Outcome:
     """VTVC: the configured prior (spike-and-slab by default) with the configured gating."""
     return _vtvc(ctx, problem, ctx.cfg.prior, None)
 
 
-@register("vtvc_stochastic", posterior=True)
+@register("vtvc_stochastic", needs=("finetuned",), posterior=True, seeded=True)
 def vtvc_stochastic(ctx: Context, problem: Problem) -> Outcome:
     """The ablation without gating: gates sampled from the guide."""
     return _vtvc(ctx, problem, ctx.cfg.prior, UNGATED)
 
 
-@register("vtvc_gaussian", posterior=True)
+@register("vtvc_gaussian", needs=("finetuned",), posterior=True, seeded=True)
 def vtvc_gaussian(ctx: Context, problem: Problem) -> Outcome:
     """The ablation without a spike: a Normal prior on the coefficients."""
     return _vtvc(ctx, problem, ctx.cfg.prior.without_spike(), None)
 
 
-@register("vtvc_merged", needs=("vtvc",))
+@register("vtvc_merged", needs=("vtvc",), seeded=True)
 def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
     """VTVC's mean coefficients over each task's val samples, merged into one plain encoder per task."""
     task_coef: dict[str, torch.Tensor] = ctx.product("vtvc", problem)

@@ -184,14 +184,14 @@ def accuracy_vs_sparsity(points: Mapping[str, tuple[float, float]], path: str | 
 
 
 def objective_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> None:
-    """The training objective per step of every learned method (ELBO per datum; for the deterministic
-    baselines, the log-likelihood per datum)."""
+    """The objective each learned method optimised, per step and datum: the tempered ELBO (log-likelihood
+    − kl_scale · KL; for the deterministic baselines, the log-likelihood)."""
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
     for method, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, label=method, linewidth=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("ELBO per datum")
+    ax.set_ylabel("tempered ELBO per datum")
     ax.set_title("training objective")
     ax.legend(fontsize=7)
     _save(fig, path)

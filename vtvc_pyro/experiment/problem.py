@@ -179,18 +179,29 @@ class Context:
     products: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: bool = True
     runtime: Runtime = Runtime()
+    seed_dir: str = ""
+    """Sub-directory of the artifacts of a fit with a seed other than the run's first (``seed-<s>``)."""
 
     def artifact_dir(self, problem: Problem, method: str | None = None) -> Path:
-        """``posteriors/<method>/<problem>/``: fitted parameters and posterior summaries."""
-        return self.run.posterior_dir(method or self.name) / problem.name
+        """``posteriors/<method>/<problem>/`` (``.../seed-<s>/`` for the run's further seeds): fitted
+        parameters and posterior summaries."""
+        return self.run.posterior_dir(method or self.name) / problem.name / self.seed_dir
 
-    def checkpoint_path(self, problem: Problem) -> Path:
-        return self.run.checkpoint_path(self.name, problem.name)
+    def checkpoint_path(self, problem: Problem, depends_on: Mapping[str, Any] | None = None) -> Path:
+        """The SVI checkpoint of this method on ``problem``, keyed on the fit's seed and ``depends_on``."""
+        keys = {"seed": self.cfg.seed, **(depends_on or {})}
+        return self.run.checkpoint_path(self.name, problem.name, keys)
+
+    def product_key(self, method: str) -> str:
+        """Where ``method``'s products for this context's seed are kept (``method`` for the first seed)."""
+        return f"{method}/{self.seed_dir}" if self.seed_dir else method
 
     def product(self, method: str, problem: Problem) -> Any:
-        """What ``method`` handed on for ``problem`` (it must be among this method's ``needs``)."""
+        """What ``method`` handed on for ``problem`` (it must be among this method's ``needs``): its product
+        for this context's seed, or its only one (a method fitted once)."""
+        key = self.product_key(method)
         try:
-            return self.products[method][problem.name]
+            return self.products[key if key in self.products else method][problem.name]
         except KeyError:
             raise KeyError(f"{self.name}: no product of {method!r} for problem {problem.name!r}; "
                            "is it declared in the method's needs?") from None

@@ -125,6 +125,28 @@ def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome, dict[st
     }
 
 
+def _seeds_result(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One result for a method fitted with several seeds: the first seed's file, with per-task metrics,
+    sparsity and active task vectors averaged over seeds, seconds summed, and every seed's own numbers under
+    ``seeds``."""
+    if len(results) == 1:
+        return results[0][1]
+    first = dict(results[0][1])
+    each = [r for _, r in results]
+    first["tasks"] = {
+        task: {key: value if key == "n" else sum(r["tasks"][task][key] for r in each) / len(each)
+               for key, value in metrics.items()}
+        for task, metrics in first["tasks"].items()}
+    for key in ("sparsity", "active_per_block"):
+        if first.get(key) is not None:
+            first[key] = sum(r[key] for r in each) / len(each)
+    for key in [k for k in first if k.endswith("_seconds")]:
+        first[key] = sum(r[key] for r in each)
+    first["seeds"] = {str(seed): {k: r.get(k) for k in ("tasks", "sparsity", "active_per_block", "details")}
+                      for seed, r in results}
+    return first
+
+
 def _solve(ctx: Context, method: Method, problem: Problem) -> tuple[Outcome, dict[str, float]]:
     """``method`` on ``problem`` with a fresh timer; its seconds per phase, and the untimed rest."""
     ctx.timer = Stopwatch()
@@ -176,22 +198,37 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             base = _base(cfg, name)
             method = REGISTRY[base]
             settings = variant_config(cfg, name)
-            ctx = Context(name, settings, bench, run, features, log, products=products, progress=progress,
-                          runtime=runtime)
+            seeds = settings.fit_seeds if method.seeded else (settings.seed,)
+
+            def context(k: int) -> Context:  # the method's context for its k-th seed
+                seeded = settings.model_copy(update={"seed": seeds[k]})  # noqa: B023 (used in this iteration)
+                return Context(name, seeded, bench, run, features, log, products=products,  # noqa: B023
+                               progress=progress, runtime=runtime,
+                               seed_dir=f"seed-{seeds[k]}" if k else "")  # noqa: B023
+
             if distributed.broadcast_object(run.is_done(name)):  # rank 0 decides for all
                 results[name] = run.load_result(name)
                 if name in needed:
-                    products[name] = {p.name: method.restore(ctx, p, results[name])
-                                      for p in make_problems(settings, bench)}
+                    for k in range(len(seeds)):
+                        ctx = context(k)
+                        products[ctx.product_key(name)] = {p.name: method.restore(ctx, p, results[name])
+                                                           for p in make_problems(settings, bench)}
                 log(f"{tag}: finished in an earlier invocation; kept")
                 continue
             run.mark_started(name)
             log(f"{tag}: running" + (f" (variant of {base})" if base != name else ""))
-            outcomes = []
+            per_seed = []
             try:
-                for problem in make_problems(settings, bench):
-                    pyro.set_rng_seed(settings.seed)
-                    outcomes.append((problem, *_solve(ctx, method, problem)))
+                for k, seed in enumerate(seeds):
+                    ctx = context(k)
+                    if len(seeds) > 1:
+                        log(f"{tag}: seed {seed} ({k + 1}/{len(seeds)})")
+                    outcomes = []
+                    for problem in make_problems(settings, bench):
+                        pyro.set_rng_seed(seed)
+                        outcomes.append((problem, *_solve(ctx, method, problem)))
+                    per_seed.append((seed, outcomes))
+                    products[ctx.product_key(name)] = {p.name: o.product for p, o, _ in outcomes}
             except ValueError as err:
                 done = [m for m in order if m in results]
                 log(f"{tag}: stopped on an invalid value: {err}. The {len(done)} finished methods "
@@ -201,8 +238,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             except BaseException:
                 log(f"{tag}: interrupted; run the same command again to resume")
                 raise
-            products[name] = {p.name: o.product for p, o, _ in outcomes}
-            results[name] = _result(name, base, outcomes, settings)
+            results[name] = _seeds_result([(seed, _result(name, base, o, settings)) for seed, o in per_seed])
             run.save_result(name, results[name])
             result = results[name]
             accuracy = [m["accuracy"] for m in result["tasks"].values()]
@@ -252,7 +288,8 @@ def _tables(run: RunDirectory, cfg: ExperimentConfig, results: dict[str, dict[st
         "title": title,
         "tasks": tasks,
         "finetuned_accuracy": finetuned_accuracy,
-        "methods": {m: {**rows[m], "runs": results[m]["runs"], "details": results[m]["details"]}
+        "methods": {m: {**rows[m], "runs": results[m]["runs"], "details": results[m]["details"],
+                        **({"per_seed": results[m]["seeds"]} if "seeds" in results[m] else {})}
                     for m in cfg.methods},
         **extra,
     })
