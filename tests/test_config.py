@@ -249,3 +249,13 @@ def test_the_resolved_config_reads_back_as_the_same_config(tmp_path):
     again = load_config(write(tmp_path, to_yaml(cfg)))
     assert again == cfg and digest(again) == digest(cfg)
     assert again.prior.overrides[0].pi == 0.9
+
+
+def test_bank_rank_and_energy_are_exclusive_and_validated():
+    SMOKE = CONFIG_DIR / "smoke.yaml"
+    assert load_config(SMOKE, ["--bank_rank=4"]).bank_rank == 4
+    cases = ((["--bank_rank=4", "--bank_energy=0.9"], "bank_energy"), (["--bank_rank=0"], "bank_rank"),
+             (["--bank_energy=1.5"], "bank_energy"))
+    for bad, key in cases:
+        with pytest.raises(ConfigError, match=f"^{key}"):
+            load_config(SMOKE, bad)

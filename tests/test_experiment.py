@@ -617,3 +617,16 @@ def test_plots_from_plain_data(tmp_path):
     assert not list(tmp_path.glob(".*.tmp*")), "temporary files left behind"
     with pytest.raises(ValueError, match=r"prob has shape \(3, 7\), expected \(2, 7\)"):
         plots.inclusion_heatmap(prob, ["a", "b"], [f"blk{i}" for i in range(7)], tmp_path / "x.png")
+
+
+def test_bank_rank_builds_the_low_rank_bank_of_the_library(micro_zoo):
+    """``bank_rank`` in a config gives the bank ``TaskVectorBank.low_rank`` gives for the same rank."""
+    from vtvc_pyro.experiment.benchmark import load_benchmark
+    from vtvc_pyro.experiment.config import load_config
+
+    cfg = load_config(SMOKE, ["--bank_rank=2", f"--zoo.cache_dir={micro_zoo.root.parent.parent}"])
+    bank = load_benchmark(cfg, lambda _: None).place(torch.device("cpu"), rank=cfg.bank_rank).bank(cfg.blocks)
+    reference = micro_zoo.bank().low_rank(rank=2)
+    assert bank.low_rank_spec == reference.low_rank_spec == {"rank": 2, "energy": None}
+    assert torch.equal(bank.vectors, reference.vectors)
+    assert not torch.equal(bank.vectors, micro_zoo.bank().vectors)

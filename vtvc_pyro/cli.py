@@ -43,7 +43,8 @@ def _bank_build(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
     blocks = args.blocks if args.blocks in ("tensor", "layer") else args.blocks.split(",")
     bank = TaskVectorBank.from_checkpoints(
-        args.pretrained, finetuned, blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle
+        args.pretrained, finetuned, blocks=blocks, dtype=args.dtype, trust_pickle=args.trust_pickle,
+        rank=args.rank, energy=args.energy,
     )
     bank.save(args.out)
     size = bank.vectors.shape[1]
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="tensor", help="tensor | layer | comma-separated name patterns")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage precision of the task vectors")
+    low = p.add_mutually_exclusive_group()
+    low.add_argument("--rank", type=int, help="low-rank task vectors: singular triplets kept per 2-D block")
+    low.add_argument("--energy", type=float, help="low-rank task vectors: energy share kept")
     p.add_argument("--trust-pickle", action="store_true", help="allow legacy pickled checkpoints")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(handler=_bank_build)

@@ -42,6 +42,8 @@ class Benchmark:
     """Identities computed from contents by the source itself (an embedded zoo's content fingerprint)."""
     bank_dtype: str = "float32"
     """Storage dtype of the task vectors."""
+    low_rank: dict[str, Any] = field(default_factory=dict)
+    """``{"rank": r}`` or ``{"energy": e}``: banks are truncated SVDs (``TaskVectorBank.low_rank``)."""
     device: torch.device = torch.device("cpu")
     """Where θ0 (``model``) and the banks live (:meth:`place`)."""
     _banks: dict[str, TaskVectorBank] = field(default_factory=dict, repr=False)
@@ -50,10 +52,13 @@ class Benchmark:
     def visual(self) -> nn.Module:
         return self.model.visual
 
-    def place(self, device: torch.device, bank_dtype: str = "float32") -> Benchmark:
-        """Move θ0 to ``device``; banks are built there with ``bank_dtype`` storage."""
+    def place(self, device: torch.device, bank_dtype: str = "float32", *, rank: int | None = None,
+              energy: float | None = None) -> Benchmark:
+        """Move θ0 to ``device``; banks are built there with ``bank_dtype`` storage, low-rank when ``rank`` or
+        ``energy`` is given."""
         self.model.to(device)
         self.device, self.bank_dtype = device, bank_dtype
+        self.low_rank = {"rank": rank, "energy": energy}
         self._banks.clear()
         return self
 
@@ -65,7 +70,7 @@ class Benchmark:
             self._banks[key] = TaskVectorBank.from_checkpoints(
                 self.pretrained_path, self.finetuned_paths,
                 blocks=blocks if isinstance(blocks, str) else list(blocks), dtype=self.bank_dtype,
-                trust_pickle=self.trust_pickle,
+                trust_pickle=self.trust_pickle, **self.low_rank,
             ).to(self.device)
         return self._banks[key]
 

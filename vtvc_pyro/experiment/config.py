@@ -323,6 +323,10 @@ class ExperimentConfig(_Section):
     stay float32."""
     bank_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of the task vectors (merges accumulate in float32)."""
+    bank_rank: PositiveInt | None = None
+    """Low-rank task vectors: keep this many singular triplets of every 2-D block (null: the exact bank)."""
+    bank_energy: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Low-rank by energy: the fewest singular triplets holding this share of it (instead of a rank)."""
     loader: LoaderSettings = LoaderSettings()
     zoo: ZooConfig = ZooConfig()
     protocol: ProtocolConfig = ProtocolConfig()
@@ -377,6 +381,8 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"methods[{i}]: unknown method {method!r}; known: {', '.join(known)}")
             if method in self.methods[:i]:
                 raise ValueError(f"methods[{i}]: {method!r} is listed twice")
+        if self.bank_rank is not None and self.bank_energy is not None:
+            raise ValueError("bank_energy: give bank_rank or bank_energy, not both")
         if self.seeds is not None:
             if not self.seeds:
                 raise ValueError("seeds: must name at least one seed, or be null for `seed`")

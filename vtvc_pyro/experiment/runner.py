@@ -183,7 +183,8 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         run = RunDirectory(root)
     with run, _logger(run.log_path, console, quiet, main) as log, _threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
-        bench = load_benchmark(cfg, log).place(runtime.device, cfg.bank_dtype)
+        bench = load_benchmark(cfg, log).place(runtime.device, cfg.bank_dtype, rank=cfg.bank_rank,
+                                               energy=cfg.bank_energy)
         log(f"computing on {runtime.device} in {cfg.precision}" + (
             f", {distributed.world_size()} processes" if distributed.active() else ""))
         log(f"benchmark: {bench.description} from {bench.source}; tasks {bench.task_names}")
