@@ -4,6 +4,7 @@ method's work, and the experiment helpers against hand-worked values."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -630,3 +631,19 @@ def test_bank_rank_builds_the_low_rank_bank_of_the_library(micro_zoo):
     assert bank.low_rank_spec == reference.low_rank_spec == {"rank": 2, "energy": None}
     assert torch.equal(bank.vectors, reference.vectors)
     assert not torch.equal(bank.vectors, micro_zoo.bank().vectors)
+
+
+def test_report_to_tensorboard_logs_every_step_of_a_fit(micro_zoo, tmp_path):
+    """The TensorBoard event files hold one scalar per SVI step of each fit, equal to the fit's step records
+    (read back with TensorBoard's own event reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_experiment(SMOKE, ["--methods=[zeroshot, finetuned, atlas]"], out=tmp_path / "tb",
+                         progress=False, report_to=["tensorboard"])
+    logs = list((out / "tensorboard" / "atlas").iterdir())
+    assert len(logs) == 1
+    events = EventAccumulator(str(logs[0])).Reload()
+    elbo = events.Scalars("tempered_elbo")
+    assert [e.step for e in elbo] == list(range(1, SMOKE_CFG["baselines"]["steps"] + 1))
+    rows = list(csv.DictReader((out / "posteriors" / "atlas" / logs[0].name / "elbo.csv").open()))
+    assert [float(r["tempered_elbo"]) for r in rows] == pytest.approx([e.value for e in elbo], rel=1e-6)

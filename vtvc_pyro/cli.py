@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> None:
 
     overrides = [*args.overrides, *([f"--device={args.device}"] if args.device else [])]
     run_experiment(args.config, overrides=overrides, out=args.out, force=args.force,
-                   progress=_progress(args), quiet=args.quiet)
+                   progress=_progress(args), quiet=args.quiet, report_to=args.report_to)
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="delete a previous run in --out and start over")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (the config's `device`; a run "
                    "may resume on another device)")
+    p.add_argument("--report-to", action="append", default=[], choices=["tensorboard"],
+                   help="live step logging of every fit (tensorboard: RUN/tensorboard/, view with "
+                   "`tensorboard --logdir RUN/tensorboard`)")
     p.set_defaults(handler=_run)
 
     config = sub.add_parser("config", help="inspect experiment configs").add_subparsers(

@@ -127,13 +127,14 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
         data, features = Subset(data, positions), features[positions]
     path = ctx.checkpoint_path(problem, {"kl_weight": config.kl_weight,
                                          "positions": None if positions is None else len(positions)})
-    try:
-        fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path,
-                      loader=ctx.runtime.loader)
-    except CheckpointError as err:
-        ctx.log(f"{ctx.name}/{problem.name}: {err}; restarting this fit from scratch")
-        fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path, resume=False,
-                      loader=ctx.runtime.loader)
+    with ctx.step_logger(problem) as callback:
+        try:
+            fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path,
+                          loader=ctx.runtime.loader, callback=callback)
+        except CheckpointError as err:
+            ctx.log(f"{ctx.name}/{problem.name}: {err}; restarting this fit from scratch")
+            fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path, resume=False,
+                          loader=ctx.runtime.loader, callback=callback)
     if fit.start_step:
         ctx.log(f"{ctx.name}/{problem.name}: resumed SVI from its checkpoint at step {fit.start_step}")
     return fit

@@ -29,6 +29,7 @@ from vtvc_pyro.experiment.benchmark import Benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.experiment.rundir import RunDirectory
 from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
+from vtvc_pyro.experiment.tracking import tensorboard_steps
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.model import Encoder
 from vtvc_pyro.task_vectors import TaskVectorBank
@@ -181,6 +182,14 @@ class Context:
     runtime: Runtime = Runtime()
     seed_dir: str = ""
     """Sub-directory of the artifacts of a fit with a seed other than the run's first (``seed-<s>``)."""
+    report_to: tuple[str, ...] = ()
+    """Live step loggers of the fits (``"tensorboard"``), see :mod:`vtvc_pyro.experiment.tracking`."""
+
+    def step_logger(self, problem: Problem) -> contextlib.AbstractContextManager:
+        """A context giving the SVI step callback of a fit on ``problem`` (``None``: no live logging)."""
+        if "tensorboard" not in self.report_to:
+            return contextlib.nullcontext(None)
+        return tensorboard_steps(self.run.root / "tensorboard" / self.name / problem.name / self.seed_dir)
 
     def artifact_dir(self, problem: Problem, method: str | None = None) -> Path:
         """``posteriors/<method>/<problem>/`` (``.../seed-<s>/`` for the run's further seeds): fitted

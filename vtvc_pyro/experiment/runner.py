@@ -160,13 +160,15 @@ def _solve(ctx: Context, method: Method, problem: Problem) -> tuple[Outcome, dic
 
 def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (),
                    out: str | os.PathLike | None = None, force: bool = False, *, progress: bool = True,
-                   quiet: bool = False, console: Console | None = None) -> Path:
+                   quiet: bool = False, report_to: Sequence[str] = (), console: Console | None = None
+                   ) -> Path:
     """Run (or resume) the experiment of a YAML config; returns the run directory.
 
     ``overrides``: ``--key.sub=value`` strings; ``out``: the run directory (default ``runs/<config stem>``);
     ``force``: delete a previous run there and start over; ``progress``: progress bars; ``quiet``: no log
-    lines on the console (``run.log`` still has them). Every config value is validated before the run
-    directory is touched.
+    lines on the console (``run.log`` still has them); ``report_to``: live step loggers of the fits
+    (``"tensorboard"``: ``<run>/tensorboard/``). Every config value is validated before the run directory is
+    touched.
     """
     console = console or Console()
     cfg = load_config(config_path, overrides)
@@ -204,7 +206,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             def context(k: int) -> Context:  # the method's context for its k-th seed
                 seeded = settings.model_copy(update={"seed": seeds[k]})  # noqa: B023 (used in this iteration)
                 return Context(name, seeded, bench, run, features, log, products=products,  # noqa: B023
-                               progress=progress, runtime=runtime,
+                               progress=progress, runtime=runtime, report_to=tuple(report_to),
                                seed_dir=f"seed-{seeds[k]}" if k else "")  # noqa: B023
 
             if distributed.broadcast_object(run.is_done(name)):  # rank 0 decides for all
