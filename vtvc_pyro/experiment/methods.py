@@ -179,14 +179,16 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
     if len(usable) < len(problem.tasks):
         ctx.log(f"{ctx.name}: fine-tuned val accuracy is 0 for {sorted(set(problem.tasks) - set(usable))}; "
                 "α is chosen on the other tasks")
-    with ctx.timer("fit"):
+    grid = ctx.cfg.protocol.alpha_grid
+    with ctx.timer("fit"), ctx.progress_bar(len(grid), "α grid on val") as bar:
         work = copy.deepcopy(ctx.bench.visual)
 
         def at(alpha: float) -> dict[str, TaskMetrics]:
             work.load_state_dict(merge(alpha))
+            bar.update(1)
             return _val_metrics(ctx, problem, work, usable)
 
-        chosen = select_alpha(at, {t: reference.val_accuracy[t] for t in usable}, ctx.cfg.protocol.alpha_grid)
+        chosen = select_alpha(at, {t: reference.val_accuracy[t] for t in usable}, grid)
         work.load_state_dict(merge(chosen.alpha))
     with ctx.timer("eval"):
         scores = _scores(ctx, problem, encoder_predictor(ctx.runtime.plain(work), problem.heads))

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from vtvc_pyro.evaluate import evaluate_encoder
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
@@ -55,7 +56,9 @@ def negated_task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
         work = copy.deepcopy(ctx.bench.visual)
         zeroshot = _control_val_accuracy(ctx, problem, ctx.bench.visual)
         control = {}
-        for alpha in map(float, ctx.cfg.protocol.alpha_grid):
+        grid = ctx.cfg.protocol.alpha_grid
+        for alpha in map(float, tqdm(grid, desc=f"{ctx.name}: α grid on val", leave=False,
+                                     disable=not ctx.progress)):
             work.load_state_dict(task_arithmetic_merge(bank, -alpha))
             control[alpha] = _control_val_accuracy(ctx, problem, work)
         alpha = select_negation_alpha(control, zeroshot)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from vtvc_pyro import distributed
 from vtvc_pyro.compose import ComposedEncoder
@@ -184,6 +185,11 @@ class Context:
     """Sub-directory of the artifacts of a fit with a seed other than the run's first (``seed-<s>``)."""
     report_to: tuple[str, ...] = ()
     """Live step loggers of the fits (``"tensorboard"``), see :mod:`vtvc_pyro.experiment.tracking`."""
+
+    def progress_bar(self, total: int, desc: str) -> tqdm:
+        """A progress bar for a stage of this method (off without ``progress`` and on ranks other than 0)."""
+        return tqdm(total=total, desc=f"{self.name}: {desc}", leave=False,
+                    disable=not self.progress or not distributed.is_main())
 
     def step_logger(self, problem: Problem) -> contextlib.AbstractContextManager:
         """A context giving the SVI step callback of a fit on ``problem`` (``None``: no live logging)."""
