@@ -52,15 +52,15 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
 def test_overrides_before_and_after_options_are_collected(monkeypatch):
     seen = {}
 
-    def fake_run(config_path, overrides, out, force, progress, quiet):
+    def fake_run(config_path, overrides, out, force, progress, quiet, report_to):
         seen.update(config=config_path, overrides=overrides, out=out, force=force, progress=progress,
-                    quiet=quiet)
+                    quiet=quiet, report_to=report_to)
 
     monkeypatch.setattr("vtvc_pyro.experiment.run_experiment", fake_run)
     cli.main(["--quiet", "run", SMOKE, "--svi.steps=3", "--out", "x", "--prior.pi=0.2", "--force"])
     overrides = ["--svi.steps=3", "--prior.pi=0.2"]
     assert seen == {"config": SMOKE, "overrides": overrides, "out": "x", "force": True, "progress": False,
-                    "quiet": True}
+                    "quiet": True, "report_to": []}
 
 
 def test_missing_checkpoint_files_are_named_before_anything_is_written(tmp_path, capsys):

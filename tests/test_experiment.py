@@ -307,7 +307,7 @@ def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
             if info.step == 3:
                 raise Interrupt
 
-        return original(*args, **kwargs, callback=stop)
+        return original(*args, **{**kwargs, "callback": stop})
 
     out = tmp_path / "run"
     monkeypatch.setattr(methods_module, "fit_svi", interrupted)

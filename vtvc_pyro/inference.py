@@ -166,7 +166,8 @@ class FitResult:
 def pretrained_features(frozen: FrozenNetworks, data: Dataset, *, batch_size: int = 256,
                         device: torch.device | str = "cpu", cache_path: str | os.PathLike | None = None,
                         loader: LoaderConfig | None = None) -> torch.Tensor:
-    """``[N, D]`` features ``normalize(f(x; θ0))`` of every item, computed once (on CPU). With ``cache_path``
+    """``[N, D]`` features ``normalize(f(x; θ0))`` of every item (``frozen``: anything with a
+    ``features0(images)`` method, e.g. :class:`FrozenNetworks`), computed once (on CPU). With ``cache_path``
     they are read from / written to a safetensors file; a cache whose first items no longer match is rebuilt.
     Across distributed ranks each encodes a contiguous share and all receive the whole; rank 0 writes."""
     num_data = len(data)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vtvc_pyro import distributed
 from vtvc_pyro.compose import ComposedEncoder
-from vtvc_pyro.data import LoaderConfig, MultiTaskDataset, batch_loader, sequential_batches
+from vtvc_pyro.data import LoaderConfig, MultiTaskDataset
 from vtvc_pyro.device import AutocastEncoder, compute_dtype
 from vtvc_pyro.experiment.benchmark import Benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig
@@ -32,6 +33,7 @@ from vtvc_pyro.experiment.rundir import RunDirectory
 from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
 from vtvc_pyro.experiment.tracking import tensorboard_steps
 from vtvc_pyro.heads import HeadBank
+from vtvc_pyro.inference import pretrained_features
 from vtvc_pyro.model import Encoder
 from vtvc_pyro.task_vectors import TaskVectorBank
 
@@ -126,13 +128,9 @@ class FeatureCache:
     def __call__(self, problem: Problem, split: str) -> torch.Tensor:
         key = (problem.name, split)
         if key not in self._cache:
-            data, device = problem.joined(split), self.runtime.device
-            rows = distributed.local_rows(len(data))
-            batches = batch_loader(data, sequential_batches(rows.start, rows.stop, self.batch_size),
-                                   self.runtime.loader, device)
-            features = [F.normalize(self.visual(images.to(device, non_blocking=True)), dim=-1).cpu()
-                        for _, images, _, _ in batches]
-            self._cache[key] = distributed.join_rows(torch.cat(features), len(data))
+            plain = SimpleNamespace(features0=lambda images: F.normalize(self.visual(images), dim=-1))
+            self._cache[key] = pretrained_features(plain, problem.joined(split), batch_size=self.batch_size,
+                                                   device=self.runtime.device, loader=self.runtime.loader)
         return self._cache[key]
 
 
