@@ -332,6 +332,39 @@ def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
         [float(r.split(",")[1]) for r in uninterrupted[1:]], rel=1e-5)
 
 
+def test_a_truncated_svi_checkpoint_is_moved_aside_and_the_fit_restarts(smoke_run, tmp_path, monkeypatch):
+    """An interrupted vtvc fit whose checkpoint was then truncated: the rerun names the file, moves it to
+    ``*.damaged``, keeps the finished methods and fits vtvc from scratch to the uninterrupted result."""
+    original = methods_module.fit_svi
+
+    def interrupted(*args, **kwargs):
+        def stop(info):
+            if info.step == 3:
+                raise Interrupt
+
+        return original(*args, **{**kwargs, "callback": stop})
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(methods_module, "fit_svi", interrupted)
+    with pytest.raises(Interrupt):
+        run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    (checkpoint,) = (out / "checkpoints" / "vtvc").glob("all-*.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    kept = mtimes(out, "methods/*.json")
+
+    monkeypatch.setattr(methods_module, "fit_svi", original)
+    run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    assert checkpoint.with_name(checkpoint.name + ".damaged").is_file()
+    assert str(checkpoint) in (out / "run.log").read_text()
+    assert {k: v for k, v in mtimes(out, "methods/*.json").items() if k in kept} == kept
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert metrics["vtvc"]["details"]["all"]["resumed_from_step"] == 0
+    refit = (out / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
+    uninterrupted = (smoke_run / "posteriors" / "vtvc" / "all" / "elbo.csv").read_text().splitlines()
+    assert [float(r.split(",")[1]) for r in refit[1:]] == pytest.approx(
+        [float(r.split(",")[1]) for r in uninterrupted[1:]], rel=1e-5)
+
+
 def test_force_starts_over_and_keeps_foreign_files(micro_zoo, tmp_path):
     out = tmp_path / "run"
     quick = ["--methods=[zeroshot, finetuned]"]

@@ -125,14 +125,15 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
     data, features = problem.joined("fit"), ctx.features(problem, "fit")
     if positions is not None:
         data, features = Subset(data, positions), features[positions]
-    path = ctx.checkpoint_path(problem, {"kl_weight": config.kl_weight,
-                                         "positions": None if positions is None else len(positions)})
+    depends_on = {"kl_weight": config.kl_weight, "positions": None if positions is None else len(positions)}
+    path = ctx.checkpoint_path(problem, depends_on)
     with ctx.step_logger(problem) as callback:
         try:
             fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path,
                           loader=ctx.runtime.loader, callback=callback)
         except CheckpointError as err:
-            ctx.log(f"{ctx.name}/{problem.name}: {err}; restarting this fit from scratch")
+            moved = ctx.discard_checkpoint(problem, depends_on)
+            ctx.log(f"{ctx.name}/{problem.name}: {err}; moved to {moved}; refitting from scratch")
             fit = fit_svi(model, guide, data, config, features0=features, checkpoint_path=path, resume=False,
                           loader=ctx.runtime.loader, callback=callback)
     if fit.start_step:

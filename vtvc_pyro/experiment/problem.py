@@ -202,8 +202,15 @@ class Context:
 
     def checkpoint_path(self, problem: Problem, depends_on: Mapping[str, Any] | None = None) -> Path:
         """The SVI checkpoint of this method on ``problem``, keyed on the fit's seed and ``depends_on``."""
-        keys = {"seed": self.cfg.seed, **(depends_on or {})}
-        return self.run.checkpoint_path(self.name, problem.name, keys)
+        return self.run.checkpoint_path(self.name, problem.name, self._checkpoint_keys(depends_on))
+
+    def discard_checkpoint(self, problem: Problem, depends_on: Mapping[str, Any] | None = None
+                           ) -> Path | None:
+        """Move that checkpoint aside (``*.damaged``); returns where it went."""
+        return self.run.discard_checkpoint(self.name, problem.name, self._checkpoint_keys(depends_on))
+
+    def _checkpoint_keys(self, depends_on: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"seed": self.cfg.seed, **(depends_on or {})}
 
     def product_key(self, method: str) -> str:
         """Where ``method``'s products for this context's seed are kept (``method`` for the first seed)."""
