@@ -297,9 +297,9 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
-def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
-    """Ctrl-C during vtvc's SVI (after its step-2 checkpoint): finished methods are kept, vtvc continues
-    from step 2 and ends exactly where an uninterrupted fit ends."""
+def interrupt_vtvc_at_step_3(out: Path, monkeypatch) -> None:
+    """Run SUBSET into ``out`` with a Ctrl-C during vtvc's SVI step 3 (after its step-2 checkpoint); the
+    patch is undone afterwards."""
     original = methods_module.fit_svi
 
     def interrupted(*args, **kwargs):
@@ -309,10 +309,17 @@ def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
 
         return original(*args, **{**kwargs, "callback": stop})
 
+    with monkeypatch.context() as patch:
+        patch.setattr(methods_module, "fit_svi", interrupted)
+        with pytest.raises(Interrupt):
+            run_experiment(SMOKE, SUBSET, out=out, progress=False)
+
+
+def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
+    """Ctrl-C during vtvc's SVI (after its step-2 checkpoint): finished methods are kept, vtvc continues
+    from step 2 and ends exactly where an uninterrupted fit ends."""
     out = tmp_path / "run"
-    monkeypatch.setattr(methods_module, "fit_svi", interrupted)
-    with pytest.raises(Interrupt):
-        run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    interrupt_vtvc_at_step_3(out, monkeypatch)
     manifest = json.loads((out / "manifest.json").read_text())["methods"]
     assert {m: e["status"] for m, e in manifest.items()} == {
         "finetuned": "done", "zeroshot": "done", "task_arithmetic": "done", "vtvc": "running"}
@@ -320,7 +327,6 @@ def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
     assert not (out / "metrics.json").exists()
     kept = mtimes(out, "methods/*.json")
 
-    monkeypatch.setattr(methods_module, "fit_svi", original)
     run_experiment(SMOKE, SUBSET, out=out, progress=False)
     assert {k: v for k, v in mtimes(out, "methods/*.json").items() if k in kept} == kept
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
@@ -335,24 +341,12 @@ def test_an_interrupted_run_resumes(smoke_run, tmp_path, monkeypatch):
 def test_a_truncated_svi_checkpoint_is_moved_aside_and_the_fit_restarts(smoke_run, tmp_path, monkeypatch):
     """An interrupted vtvc fit whose checkpoint was then truncated: the rerun names the file, moves it to
     ``*.damaged``, keeps the finished methods and fits vtvc from scratch to the uninterrupted result."""
-    original = methods_module.fit_svi
-
-    def interrupted(*args, **kwargs):
-        def stop(info):
-            if info.step == 3:
-                raise Interrupt
-
-        return original(*args, **{**kwargs, "callback": stop})
-
     out = tmp_path / "run"
-    monkeypatch.setattr(methods_module, "fit_svi", interrupted)
-    with pytest.raises(Interrupt):
-        run_experiment(SMOKE, SUBSET, out=out, progress=False)
+    interrupt_vtvc_at_step_3(out, monkeypatch)
     (checkpoint,) = (out / "checkpoints" / "vtvc").glob("all-*.pt")
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     kept = mtimes(out, "methods/*.json")
 
-    monkeypatch.setattr(methods_module, "fit_svi", original)
     run_experiment(SMOKE, SUBSET, out=out, progress=False)
     assert checkpoint.with_name(checkpoint.name + ".damaged").is_file()
     assert str(checkpoint) in (out / "run.log").read_text()
