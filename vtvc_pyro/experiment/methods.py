@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
-from vtvc_pyro.data import MultiTaskDataset
-from vtvc_pyro.evaluate import Predict, TaskMetrics, evaluate_encoder, select_alpha
+from vtvc_pyro.evaluate import TaskMetrics, select_alpha
 from vtvc_pyro.experiment.negation import forgetting, inclusion_by_input, negated_task_arithmetic
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
@@ -88,23 +87,6 @@ def register(name: str, *, needs: tuple[str, ...] = (), restore: Callable | None
 
 
 # ---------------------------------------------------------------- shared steps
-
-
-def _scores(ctx: Context, problem: Problem, predict: Predict, splits: Mapping[str, Any] | None = None
-            ) -> Scores:
-    """Scores of ``predict`` on the problem's test splits (or on ``splits``)."""
-    data = problem.joined("test") if splits is None else MultiTaskDataset(splits, problem.tasks)
-    probs, labels, task = predict_dataset(predict, data, ctx.cfg.eval.batch_size, device=ctx.runtime.device,
-                                          loader=ctx.runtime.loader)
-    return scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
-
-
-def _val_metrics(ctx: Context, problem: Problem, encoder: torch.nn.Module, tasks: list[str] | None = None
-                 ) -> dict[str, TaskMetrics]:
-    splits = {t: problem.val[t] for t in (tasks or problem.tasks)}
-    plain = ctx.runtime.plain(encoder)
-    return evaluate_encoder(lambda images, _ids: plain(images), problem.heads, splits,
-                            ctx.cfg.eval.batch_size, ctx.runtime.loader, ctx.runtime.device)
 
 
 def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable, *, bayesian: bool,
@@ -187,12 +169,12 @@ def _merged_scores(ctx: Context, problem: Problem, merge: Callable[[float], dict
         def at(alpha: float) -> dict[str, TaskMetrics]:
             work.load_state_dict(merge(alpha))
             bar.update(1)
-            return _val_metrics(ctx, problem, work, usable)
+            return ctx.val_metrics(problem, work, usable)
 
         chosen = select_alpha(at, {t: reference.val_accuracy[t] for t in usable}, grid)
         work.load_state_dict(merge(chosen.alpha))
     with ctx.timer("eval"):
-        scores = _scores(ctx, problem, encoder_predictor(ctx.runtime.plain(work), problem.heads))
+        scores = ctx.test_scores(problem, encoder_predictor(ctx.runtime.plain(work), problem.heads))
     details = {"alpha": chosen.alpha, "val_score": chosen.score,
                "val_scores": {f"{a:g}": s for a, s in chosen.scores.items()}}
     return Outcome(scores, details=details)
@@ -206,7 +188,7 @@ def zeroshot(ctx: Context, problem: Problem) -> Outcome:
     """The pre-trained encoder θ0."""
     with ctx.timer("eval"):
         predict = encoder_predictor(ctx.runtime.plain(ctx.bench.visual), problem.heads)
-        return Outcome(_scores(ctx, problem, predict))
+        return Outcome(ctx.test_scores(problem, predict))
 
 
 @dataclass(frozen=True)
@@ -228,9 +210,9 @@ def finetuned(ctx: Context, problem: Problem) -> Outcome:
         work = copy.deepcopy(ctx.bench.visual)
         for task in problem.tasks:
             work.load_state_dict(ctx.bench.finetuned_state_dict(task))
-            val_accuracy[task] = _val_metrics(ctx, problem, work, [task])[task].accuracy
+            val_accuracy[task] = ctx.val_metrics(problem, work, [task])[task].accuracy
             predict = encoder_predictor(ctx.runtime.plain(work), problem.heads)
-            parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
+            parts.append(ctx.test_scores(problem, predict, {task: problem.test[task]}))
     return Outcome(Scores.concat(parts), details={"val_accuracy": val_accuracy},
                    product=FinetunedReference(val_accuracy))
 
@@ -270,7 +252,7 @@ def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -
     with ctx.timer("fit"):
         fit = _fit(ctx, problem, model, empty_guide, bayesian=False)
     with ctx.timer("eval"):
-        scores = _scores(ctx, problem, coefficient_predictor(model.frozen, model.point_coef))
+        scores = ctx.test_scores(problem, coefficient_predictor(model.frozen, model.point_coef))
         test_features = ctx.features(problem, "test").to(ctx.runtime.device)
         stats = CoefficientStats().add(model.point_coef(test_features))
     with ctx.timer("save"):
@@ -460,5 +442,5 @@ def vtvc_merged(ctx: Context, problem: Problem) -> Outcome:
             work.load_state_dict(problem.bank.merge(task_coef[task]))
         with ctx.timer("eval"):
             predict = encoder_predictor(ctx.runtime.plain(work), problem.heads)
-            parts.append(_scores(ctx, problem, predict, {task: problem.test[task]}))
+            parts.append(ctx.test_scores(problem, predict, {task: problem.test[task]}))
     return Outcome(Scores.concat(parts), stats)

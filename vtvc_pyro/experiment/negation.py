@@ -16,15 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from vtvc_pyro.evaluate import evaluate_encoder
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
     CoefficientStats,
     encoder_predictor,
-    predict_dataset,
-    scores_from_probs,
 )
 from vtvc_pyro.io import atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
@@ -43,9 +39,7 @@ def forgetting(model: Any, problem: Problem) -> ForgetLikelihood:
 
 
 def _control_val_accuracy(ctx: Context, problem: Problem, encoder: torch.nn.Module) -> float:
-    splits = {t: problem.val[t] for t in controls(problem)}
-    metrics = evaluate_encoder(lambda images, _ids: encoder(images), problem.heads, splits,
-                               ctx.cfg.eval.batch_size)
+    metrics = ctx.val_metrics(problem, encoder, controls(problem))
     return sum(m.accuracy for m in metrics.values()) / len(metrics)
 
 
@@ -57,16 +51,15 @@ def negated_task_arithmetic(ctx: Context, problem: Problem) -> Outcome:
         zeroshot = _control_val_accuracy(ctx, problem, ctx.bench.visual)
         control = {}
         grid = ctx.cfg.protocol.alpha_grid
-        for alpha in map(float, tqdm(grid, desc=f"{ctx.name}: α grid on val", leave=False,
-                                     disable=not ctx.progress)):
-            work.load_state_dict(task_arithmetic_merge(bank, -alpha))
-            control[alpha] = _control_val_accuracy(ctx, problem, work)
+        with ctx.progress_bar(len(grid), "α grid on val") as bar:
+            for alpha in map(float, grid):
+                work.load_state_dict(task_arithmetic_merge(bank, -alpha))
+                control[alpha] = _control_val_accuracy(ctx, problem, work)
+                bar.update(1)
         alpha = select_negation_alpha(control, zeroshot)
         work.load_state_dict(task_arithmetic_merge(bank, -alpha))
     with ctx.timer("eval"):
-        probs, labels, task = predict_dataset(encoder_predictor(work, problem.heads), problem.joined("test"),
-                                              ctx.cfg.eval.batch_size)
-        scores = scores_from_probs(probs, labels, task, problem.heads, ctx.cfg.eval.ece_bins)
+        scores = ctx.test_scores(problem, encoder_predictor(ctx.runtime.plain(work), problem.heads))
     details = {"alpha": alpha, "zeroshot_control_val_accuracy": zeroshot,
                "control_val_accuracy": {f"{a:g}": v for a, v in control.items()}}
     coef = CoefficientStats().add(torch.full((bank.num_tasks, bank.num_blocks), -alpha))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +27,11 @@ from vtvc_pyro import distributed
 from vtvc_pyro.compose import ComposedEncoder
 from vtvc_pyro.data import LoaderConfig, MultiTaskDataset
 from vtvc_pyro.device import AutocastEncoder, compute_dtype
+from vtvc_pyro.evaluate import Predict, TaskMetrics, evaluate_encoder
 from vtvc_pyro.experiment.benchmark import Benchmark
 from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.experiment.rundir import RunDirectory
-from vtvc_pyro.experiment.scoring import CoefficientStats, Scores
+from vtvc_pyro.experiment.scoring import CoefficientStats, Scores, predict_dataset, scores_from_probs
 from vtvc_pyro.experiment.tracking import tensorboard_steps
 from vtvc_pyro.heads import HeadBank
 from vtvc_pyro.inference import pretrained_features
@@ -183,6 +184,22 @@ class Context:
     """Sub-directory of the artifacts of a fit with a seed other than the run's first (``seed-<s>``)."""
     report_to: tuple[str, ...] = ()
     """Live step loggers of the fits (``"tensorboard"``), see :mod:`vtvc_pyro.experiment.tracking`."""
+
+    def test_scores(self, problem: Problem, predict: Predict, splits: Mapping[str, Dataset] | None = None
+                    ) -> Scores:
+        """Scores of ``predict`` on the problem's test splits (or on ``splits``), on the run's device."""
+        data = problem.joined("test") if splits is None else MultiTaskDataset(splits, problem.tasks)
+        probs, labels, task = predict_dataset(predict, data, self.cfg.eval.batch_size,
+                                              device=self.runtime.device, loader=self.runtime.loader)
+        return scores_from_probs(probs, labels, task, problem.heads, self.cfg.eval.ece_bins)
+
+    def val_metrics(self, problem: Problem, encoder: nn.Module, tasks: Sequence[str] | None = None
+                    ) -> dict[str, TaskMetrics]:
+        """Val metrics of a plain ``encoder`` (run precision and device) on ``tasks`` (default: all)."""
+        splits = {t: problem.val[t] for t in (tasks or problem.tasks)}
+        plain = self.runtime.plain(encoder)
+        return evaluate_encoder(lambda images, _ids: plain(images), problem.heads, splits,
+                                self.cfg.eval.batch_size, self.runtime.loader, self.runtime.device)
 
     def progress_bar(self, total: int, desc: str) -> tqdm:
         """A progress bar for a stage of this method (off without ``progress`` and on ranks other than 0)."""
