@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402
+from merge import timed as time_once  # noqa: E402  (benchmarks/merge.py, beside this script)
 from open_clip.transformer import VisionTransformer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
@@ -60,17 +61,9 @@ def bank_for(visual: torch.nn.Module, num_tasks: int, device: torch.device) -> T
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up: allocator, Triton compilation
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - start)
-    return out
+    """Seconds of ``repeats`` calls after a warm-up (allocator, Triton compilation), synchronised on CUDA."""
+    fn()
+    return [time_once(fn, device) for _ in range(repeats)]
 
 
 def med(values: list[float]) -> float:
