@@ -1,10 +1,12 @@
 """Merge benchmark: a ViT-B-32-sized bank (T = 8 task vectors), per-block coefficients.
 
 Times, in one run and on the same data, round after round (interleaved):
-  fused      bank.merge(coef): one matrix-vector product per block segment of the flat [T, P] buffer
-             (torch path on CPU; the fused Triton kernel on CUDA), into a newly allocated output
+  fused      bank.merge(coef), backend "auto": the fused kernel (torch.compile / Inductor on CPU, one pass
+             over memory; Triton on CUDA) over the flat [T, P] buffer, into a newly allocated output
   fused-out  the same into a preallocated output (bank.merge(coef, out=buffer)), as the copy below
   bf16-out   fused-out with the task vectors stored in bfloat16 (read as float32; (2T+8)·P bytes moved)
+  eager-out  fused-out through eager torch (backend "torch": θ0 copied, then one matrix-vector product per
+             block segment; bf16 widened through a buffer), the path without a compiler
   naive      the per-tensor formula θ0[k] + Σ_t coef[t, b(k)] · τ_t[k], one tensor and one task at a time,
              as the task-arithmetic codebases apply task vectors (out-of-place arithmetic on state dicts)
   copy       the bandwidth reference: Tensor.copy_ into a preallocated buffer, moving as many bytes as a
@@ -67,7 +69,8 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
                 device: torch.device) -> dict[str, list[float]]:
     """Time every method once per round, round after round, so that load from other processes on a shared
-    machine hits all of them alike; the first round is a warm-up (allocator, Triton compilation)."""
+    machine hits all of them alike; the first round is a warm-up (allocator, Triton or Inductor
+    compilation)."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     for round_ in range(repeats + 1):
         for name, fn in methods.items():
@@ -117,7 +120,8 @@ def main() -> None:
     out = torch.empty(P, dtype=torch.float32, device=device)
 
     times = interleaved({"fused": lambda: bank.merge(coef), "fused-out": lambda: bank.merge(coef, out=out),
-                         "bf16-out": lambda: bf16.merge(coef, out=out), "naive": naive,
+                         "bf16-out": lambda: bf16.merge(coef, out=out),
+                         "eager-out": lambda: bank.merge(coef, backend="torch", out=out), "naive": naive,
                          "copy": lambda: target.copy_(source)}, args.repeats, device)
     moved = (T + 2) * P * 4
     print(f"{args.model}: T={T}, P={P:,}, B={B} blocks, {device}, {torch.get_num_threads()} threads, "
@@ -136,6 +140,8 @@ def main() -> None:
           f"(with output allocation: {ratio('copy', 'fused'):.0%})")
     print(f"bf16 storage: {ratio('fused-out', 'bf16-out'):.2f}x the float32 merge's speed, "
           f"{ratio('copy', 'bf16-out'):.0%} of the copy's time")
+    print(f"eager torch (no compiler): {ratio('copy', 'eager-out'):.0%} of the copy's bandwidth; the fused "
+          f"kernel is {ratio('eager-out', 'fused-out'):.2f}x faster")
 
 
 if __name__ == "__main__":

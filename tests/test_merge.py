@@ -61,7 +61,7 @@ def assert_state_close(got: dict, expected: dict, atol: float) -> None:
 
 @pytest.mark.parametrize("blocks", ["tensor", "layer"])
 @pytest.mark.parametrize("per_block", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "compiled"])
 def test_merge_equals_naive_formula(states, blocks, per_block, backend):
     vit, pre, fts = states
     bank = TaskVectorBank.from_state_dicts(pre, fts, blocks=blocks)
@@ -74,7 +74,7 @@ def test_merge_equals_naive_formula(states, blocks, per_block, backend):
     vit.load_state_dict(merged)  # loadable into the encoder, non-float entry included
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "compiled"])
 def test_merge_bf16_storage(states, backend):
     _, pre, fts = states
     bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer", dtype="bfloat16")
@@ -94,7 +94,7 @@ def test_triton_kernel_equals_torch_path(states, dtype):
     triton_out = merge_flat(bank.base, bank.vectors, coef[:, :3], segments, backend="triton")
     torch.testing.assert_close(triton_out, torch_out, rtol=0, atol=1e-6)
     for c in (coef[:, :3], coef[:, 0]):  # per block and per task
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton", "compiled"):
             out = merge_flat(bank.base, bank.vectors, c, segments, backend=backend)
             torch.testing.assert_close(out[:10], bank.base[:10], rtol=0, atol=0)
             torch.testing.assert_close(out[9000:12000], bank.base[9000:12000], rtol=0, atol=0)
@@ -103,7 +103,7 @@ def test_triton_kernel_equals_torch_path(states, dtype):
             torch.testing.assert_close(out[10:20], expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "compiled"])
 def test_merge_into_a_reused_buffer(states, backend):
     _, pre, fts = states
     bank = TaskVectorBank.from_state_dicts(pre, fts)
@@ -117,6 +117,32 @@ def test_merge_into_a_reused_buffer(states, backend):
         bank.merge(torch.ones(3), out=torch.empty(10))
     with pytest.raises(ValueError, match="out must not share memory with base"):
         bank.merge(torch.ones(3), out=bank.base)
+
+
+def test_auto_merge_falls_back_to_eager_torch_where_compiling_fails(states, monkeypatch, caplog):
+    import vtvc_pyro.compiled_merge as compiled
+
+    _, pre, fts = states
+    bank = TaskVectorBank.from_state_dicts(pre, fts)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler\n(details)")
+
+    monkeypatch.setattr(compiled, "AUTO_MIN_ELEMENTS", 0)
+    monkeypatch.setattr("vtvc_pyro.merge.AUTO_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(compiled, "_failed", False)
+    monkeypatch.setattr(compiled, "_kernel", lambda: no_compiler)
+    coef = torch.tensor([0.5, -1.0, 2.0])
+    with caplog.at_level("WARNING"):
+        first = bank.merge(coef)
+        second = bank.merge(coef)
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile could not build the fused merge (RuntimeError: no working C++ compiler); merging "
+        "with eager torch"]  # once, and not tried again
+    for merged in (first, second):
+        assert_state_close(merged, naive_merge(pre, fts, coef, None), atol=1e-6)
+    with pytest.raises(RuntimeError, match="no working C"):  # asked for by name: the error, not a fallback
+        bank.merge(coef, backend="compiled")
 
 
 def test_bad_coefficients_raise(states):

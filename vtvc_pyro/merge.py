@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vtvc_pyro.compiled_merge import AUTO_MIN_ELEMENTS, compiled_merge_flat, try_compiled_merge_flat
+
 if TYPE_CHECKING:
     from vtvc_pyro.task_vectors import TaskVectorBank
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "compiled")
 _CHUNK = 1 << 20  # columns converted to float32 at a time by TIES-merging
 _WIDEN_CHUNK = 1 << 20  # columns widened to float32 at a time by a bf16/fp16 merge
 
@@ -48,7 +50,11 @@ def merge_flat(
     ``[T]`` (same for all blocks) or ``[T, B]``; segments must not overlap. Columns outside every segment
     get ``base``. Writes into ``out`` (a float32 ``[P]`` buffer, reused across merges: allocating fresh
     memory costs about as much as the merge itself on CPU) or a new tensor, and returns it.
-    ``backend="auto"`` uses the fused Triton kernel on CUDA and torch elsewhere.
+    ``backend``: ``"triton"`` the fused Triton kernel (CUDA), ``"compiled"`` the fused kernel built by
+    ``torch.compile`` (one pass over memory; a few seconds to compile once per process), ``"torch"`` eager
+    torch; ``"auto"`` Triton on CUDA, elsewhere the compiled kernel for banks of at least
+    ``compiled_merge.AUTO_MIN_ELEMENTS`` task-vector elements (eager torch for smaller ones, or where
+    ``torch.compile`` fails: a warning says so once).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -70,6 +76,14 @@ def merge_flat(
         if coef.dim() == 1:
             coef = coef[:, None].expand(T, len(segments))
         return triton_merge_flat(base, vectors, coef.contiguous(), segments, out)
+    if backend == "compiled" or (backend == "auto" and vectors.numel() >= AUTO_MIN_ELEMENTS):
+        if coef.dim() == 1:  # one coefficient per task: one kernel call per run of adjacent segments
+            segments = _runs(segments)
+            coef = coef[:, None].expand(T, len(segments))
+        if backend == "compiled":
+            return compiled_merge_flat(base, vectors, coef, segments, out)
+        if try_compiled_merge_flat(base, vectors, coef, segments, out):
+            return out
     return _torch_merge_flat(base, vectors, coef, segments, out)
 
 
@@ -81,6 +95,17 @@ def _triton_available() -> bool:
     return True
 
 
+def _runs(segments: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The segments' runs of adjacent columns, sorted."""
+    runs: list[list[int]] = []
+    for start, stop in sorted(segments):
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = stop
+        else:
+            runs.append([start, stop])
+    return [(s, e) for s, e in runs]
+
+
 def _torch_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
                       segments: Sequence[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
     # θ0 copied in one call, then one matrix-vector product per block segment (per run of adjacent segments
@@ -89,13 +114,8 @@ def _torch_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Ten
     # storage is widened to float32 a chunk at a time into one reused buffer.
     out.copy_(base)
     if coef.dim() == 1:
-        runs: list[list[int]] = []
-        for start, stop in sorted(segments):
-            if runs and runs[-1][1] == start:
-                runs[-1][1] = stop
-            else:
-                runs.append([start, stop])
-        coef, segments = coef[:, None].expand(-1, len(runs)), [(s, e) for s, e in runs]
+        segments = _runs(segments)
+        coef = coef[:, None].expand(-1, len(segments))
     wide = vectors.dtype == torch.float32
     buffer = None if wide else torch.empty(vectors.shape[0], _WIDEN_CHUNK, device=vectors.device)
     for b, (start, stop) in enumerate(segments):

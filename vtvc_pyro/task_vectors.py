@@ -447,10 +447,10 @@ class TaskVectorBank:
               out: torch.Tensor | None = None) -> StateDict:
         """θ0 + Σ_t coef[t, b(k)] · τ_t[k] as a full state dict (float32) for ``coef`` ``[T]`` or ``[T, B]``.
 
-        ``backend``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``. ``out``: a
-        float32 ``[P]`` buffer to merge into (the float entries are views of it), e.g. reused across a
-        coefficient grid. The result carries no gradient; use :class:`vtvc_pyro.compose.ComposedEncoder`
-        to differentiate in ``coef``.
+        ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"compiled"`` (see
+        :func:`vtvc_pyro.merge.merge_flat`). ``out``: a float32 ``[P]`` buffer to merge into (the float
+        entries are views of it), e.g. reused across a coefficient grid. The result carries no gradient; use
+        :class:`vtvc_pyro.compose.ComposedEncoder` to differentiate in ``coef``.
         """
         coef = check_coef(coef, self.num_tasks, self.num_blocks, device=self.device)
         flat = merge_flat(self._base, self._vectors, coef, self._segments, backend=backend, out=out)
