@@ -305,7 +305,9 @@ class _Weights:
             else:
                 ys = (xs.reshape(n * L, fin) @ tau).view(n, L, fout) * scale
             y3.index_add_(0, picked, ys)
-        return y3 + b.unsqueeze(1) if b is not None and not shared_bias else y3
+        if b is None or shared_bias:
+            return y3
+        return y3 + b.unsqueeze(1) if self.grad else y3.add_(b.unsqueeze(1))  # no fresh memory to touch
 
     def _samples(self, c: torch.Tensor, fin: int, fout: int) -> list[torch.Tensor | None]:
         """Per active task of a layer: the samples its GEMM runs on, gathered (``None``: the whole batch)."""
@@ -368,7 +370,9 @@ class _Weights:
             y = F.layer_norm(x, (d,), w[0], b[0], norm.eps)
         else:
             ones = (1,) * (x.dim() - 2)
-            y = F.layer_norm(x, (d,), None, None, norm.eps) * w.view(-1, *ones, d) + b.view(-1, *ones, d)
+            y = F.layer_norm(x, (d,), None, None, norm.eps)
+            w, b = w.view(-1, *ones, d), b.view(-1, *ones, d)
+            y = y * w + b if self.grad else y.mul_(w).add_(b)
         return y.to(dtype)
 
 
