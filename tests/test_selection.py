@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -105,11 +106,13 @@ def test_a_run_with_seeds_and_selection_keeps_every_seed_and_every_candidate(mic
     assert "| vtvc (2 seeds) |" in table and " ± " in table
 
 
-def test_the_readme_table_is_the_report_of_the_committed_run_summary(capsys):
+def test_the_readme_tables_are_the_reports_of_the_committed_run_summaries(capsys):
     root = SMOKE.parents[2]
     readme = (root / "README.md").read_text()
-    marker = "<!-- vtvc report experiments/results/quickstart.json --markdown -->\n"
-    block = readme.split(marker, 1)[1].split("<!-- end of report -->", 1)[0]
-    cli.main(["report", str(root / "experiments" / "results" / "quickstart.json"), "--markdown"])
-    report = capsys.readouterr().out
-    assert block.strip() == report.split("\n", 2)[2].strip()  # the report without its title line
+    blocks = re.findall(r"<!-- vtvc report (\S+) --markdown -->\n(.*?)<!-- end of report -->", readme, re.S)
+    assert {summary for summary, _ in blocks} == {"experiments/results/quickstart.json",
+                                                  "experiments/results/quickstart-3seeds.json"}
+    for summary, block in blocks:
+        cli.main(["report", str(root / summary), "--markdown"])
+        report = capsys.readouterr().out
+        assert block.strip() == report.split("\n", 2)[2].strip(), summary  # the report without its title
