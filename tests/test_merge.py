@@ -119,6 +119,33 @@ def test_merge_into_a_reused_buffer(states, backend):
         bank.merge(torch.ones(3), out=bank.base)
 
 
+def test_compiled_backend_runs_the_compiled_kernel_once_per_segment(states, monkeypatch):
+    # per-block coefficients: one call per block segment; one coefficient per task: one per run of adjacent
+    # segments (here the whole buffer); auto picks the kernel from AUTO_MIN_ELEMENTS on
+    import vtvc_pyro.compiled_merge as compiled
+
+    _, pre, fts = states
+    bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")
+    kernel, calls = compiled._kernel(), []
+
+    def spy(*args):
+        calls.append(args[-2:])
+        return kernel(*args)
+
+    monkeypatch.setattr(compiled, "_kernel", lambda: spy)
+    bank.merge(torch.randn(3, bank.num_blocks), backend="compiled")
+    assert sorted(calls) == sorted(bank.segments)
+    calls.clear()
+    bank.merge(torch.tensor([0.5, -1.0, 2.0]), backend="compiled")
+    assert calls == [(0, bank.num_params)]
+    calls.clear()
+    bank.merge(torch.tensor([0.5, -1.0, 2.0]))  # a small bank: eager torch
+    assert calls == []
+    monkeypatch.setattr("vtvc_pyro.merge.AUTO_MIN_ELEMENTS", 0)
+    bank.merge(torch.tensor([0.5, -1.0, 2.0]))
+    assert calls == [(0, bank.num_params)]
+
+
 def test_auto_merge_falls_back_to_eager_torch_where_compiling_fails(states, monkeypatch, caplog):
     import vtvc_pyro.compiled_merge as compiled
 
@@ -128,7 +155,6 @@ def test_auto_merge_falls_back_to_eager_torch_where_compiling_fails(states, monk
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no working C++ compiler\n(details)")
 
-    monkeypatch.setattr(compiled, "AUTO_MIN_ELEMENTS", 0)
     monkeypatch.setattr("vtvc_pyro.merge.AUTO_MIN_ELEMENTS", 0)
     monkeypatch.setattr(compiled, "_failed", False)
     monkeypatch.setattr(compiled, "_kernel", lambda: no_compiler)
