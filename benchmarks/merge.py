@@ -1,6 +1,8 @@
 """Merge benchmark: a ViT-B-32-sized bank (T = 8 task vectors), per-block coefficients.
 
-Times, in one run and on the same data, round after round (interleaved):
+Times, in one run and on the same data, round after round (interleaved), in two groups: the merges into
+preallocated memory with their copy reference, then the two that allocate their outputs (first-touching and
+freeing hundreds of MB between the others disturbed them and swung the bandwidth share by ±10 points):
   fused      bank.merge(coef), backend "auto": the fused kernel (torch.compile / Inductor on CPU, one pass
              over memory; Triton on CUDA) over the flat [T, P] buffer, into a newly allocated output
   fused-out  the same into a preallocated output (bank.merge(coef, out=buffer)), as the copy below
@@ -119,10 +121,15 @@ def main() -> None:
     target = torch.empty(half, dtype=torch.float32, device=device)
     out = torch.empty(P, dtype=torch.float32, device=device)
 
-    times = interleaved({"fused": lambda: bank.merge(coef), "fused-out": lambda: bank.merge(coef, out=out),
+    # the merges into preallocated memory and their copy reference are timed apart from the two that
+    # allocate their outputs: first-touching (and freeing) hundreds of MB between them disturbs the memory
+    # system and makes the bandwidth ratio swing by ±10 points from run to run on the 2-core VM
+    times = interleaved({"fused-out": lambda: bank.merge(coef, out=out),
                          "bf16-out": lambda: bf16.merge(coef, out=out),
-                         "eager-out": lambda: bank.merge(coef, backend="torch", out=out), "naive": naive,
+                         "eager-out": lambda: bank.merge(coef, backend="torch", out=out),
                          "copy": lambda: target.copy_(source)}, args.repeats, device)
+    allocating = {"fused": lambda: bank.merge(coef), "naive": naive}
+    times |= interleaved(allocating, args.repeats, device)
     moved = (T + 2) * P * 4
     print(f"{args.model}: T={T}, P={P:,}, B={B} blocks, {device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved rounds; max |fused - naive| = {error:.2e}, "
@@ -132,14 +139,16 @@ def main() -> None:
         median = statistics.median(seconds)
         print(f"{name:10s}{median:10.3f}{moved / median / 1e9:8.2f}")
 
-    def ratio(a: str, b: str) -> float:  # median over rounds of time[a] / time[b]
+    def ratio(a: str, b: str) -> float:  # median over rounds of time[a] / time[b] (of medians across groups)
+        if (a in allocating) != (b in allocating):
+            return statistics.median(times[a]) / statistics.median(times[b])
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
     print(f"fused vs naive: {ratio('naive', 'fused'):.1f}x faster")
     print(f"share of copy bandwidth: {ratio('copy', 'fused-out'):.0%} "
           f"(with output allocation: {ratio('copy', 'fused'):.0%})")
-    print(f"bf16 storage: {ratio('fused-out', 'bf16-out'):.2f}x the float32 merge's speed, "
-          f"{ratio('copy', 'bf16-out'):.0%} of the copy's time")
+    print(f"bf16 storage: {ratio('fused-out', 'bf16-out'):.2f}x the float32 merge's speed, in "
+          f"{ratio('bf16-out', 'copy'):.0%} of the copy's time")
     print(f"eager torch (no compiler): {ratio('copy', 'eager-out'):.0%} of the copy's bandwidth; the fused "
           f"kernel is {ratio('eager-out', 'fused-out'):.2f}x faster")
 

@@ -119,25 +119,41 @@ def test_merge_into_a_reused_buffer(states, backend):
         bank.merge(torch.ones(3), out=bank.base)
 
 
-def test_compiled_backend_runs_the_compiled_kernel_once_per_segment(states, monkeypatch):
-    # per-block coefficients: one call per block segment; one coefficient per task: one per run of adjacent
-    # segments (here the whole buffer); auto picks the kernel from AUTO_MIN_ELEMENTS on
+def test_compiled_backend_calls_the_kernel_once_per_large_segment_and_once_for_the_small_ones(
+        states, monkeypatch):
+    # per-block coefficients: one call per segment of at least SMALL_SEGMENT columns, one gathered call for
+    # all the shorter ones; one coefficient per task: one call per run of adjacent segments (here the whole
+    # buffer); auto picks the kernel from AUTO_MIN_ELEMENTS on
     import vtvc_pyro.compiled_merge as compiled
 
     _, pre, fts = states
-    bank = TaskVectorBank.from_state_dicts(pre, fts, blocks="layer")
-    kernel, calls = compiled._kernel(), []
+    bank = TaskVectorBank.from_state_dicts(pre, fts)  # one block per tensor: sizes from 16 to 4096
+    kernel, gathered, calls, gathered_columns = compiled._kernel(), compiled._gathered_kernel(), [], []
 
     def spy(*args):
         calls.append(args[-2:])
         return kernel(*args)
 
+    def gathered_spy(base, vectors, coef, columns, blocks):
+        gathered_columns.append(columns.tolist())
+        return gathered(base, vectors, coef, columns, blocks)
+
     monkeypatch.setattr(compiled, "_kernel", lambda: spy)
-    bank.merge(torch.randn(3, bank.num_blocks), backend="compiled")
-    assert sorted(calls) == sorted(bank.segments)
+    monkeypatch.setattr(compiled, "_gathered_kernel", lambda: gathered_spy)
+    monkeypatch.setattr(compiled, "SMALL_SEGMENT", 1000)
+    floats = [k for k, v in pre.items() if v.is_floating_point()]
+    coef = torch.randn(3, bank.num_blocks, generator=torch.Generator().manual_seed(4))
+    assert_state_close(bank.merge(coef, backend="compiled"), naive_merge(pre, fts, coef, floats.index),
+                       atol=1e-6)
+    large = [(s, e) for s, e in bank.segments if e - s >= 1000]
+    small = [(s, e) for s, e in bank.segments if e - s < 1000]
+    assert len(large) >= 2 and len(small) >= 2
+    assert sorted(calls) == sorted(large)
+    assert gathered_columns == [[c for s, e in sorted(small) for c in range(s, e)]]
     calls.clear()
+    gathered_columns.clear()
     bank.merge(torch.tensor([0.5, -1.0, 2.0]), backend="compiled")
-    assert calls == [(0, bank.num_params)]
+    assert calls == [(0, bank.num_params)] and gathered_columns == []
     calls.clear()
     bank.merge(torch.tensor([0.5, -1.0, 2.0]))  # a small bank: eager torch
     assert calls == []

@@ -3,9 +3,9 @@
 Eager torch needs two passes for ``out = θ0 + Σ_t c_t · τ_t`` (copy θ0, then a matrix-vector product that
 reads the output back) and widens bf16/fp16 task vectors through a buffer; the compiled kernel reads θ0 and
 the T rows once, accumulates in float32 in registers and writes the output once. Measured on the 2-core
-CPU (benchmarks/merge.py, benchmarks/README.md): 1.2–2.3× eager torch and 77–88 % of ``Tensor.copy_``'s
-bandwidth at ViT-B-32 (152 segments; above the copy on one large segment), and bf16 storage, half the
-bytes, 1.5–1.7× faster again. Compiling takes a few seconds once per process (Inductor caches
+CPU (benchmarks/merge.py, benchmarks/README.md): 1.2–1.6× eager torch and 80–86 % of ``Tensor.copy_``'s
+bandwidth at ViT-B-32 (152 segments in 52 calls; above the copy on one large segment), and bf16 storage,
+half the bytes, 1.5–1.7× faster again. Compiling takes a few seconds once per process (Inductor caches
 the generated code on disk), so ``merge_flat(backend="auto")`` uses it only for banks large enough to pay.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 AUTO_MIN_ELEMENTS = 1 << 25  # T·P from which backend="auto" compiles on CPU (merges of ≥ ~50 ms eager)
+SMALL_SEGMENT = 1 << 14  # segments shorter than this (biases, LayerNorms) are merged together in one call
 RECOMPILE_LIMIT = 64
 _log = logging.getLogger(__name__)
 _failed = False  # set once torch.compile has failed in this process: backend="auto" stops trying
@@ -34,9 +35,36 @@ def _merge_segment(out: torch.Tensor, base: torch.Tensor, vectors: torch.Tensor,
     out[start:stop].copy_(acc)
 
 
+def _merge_gathered(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor, columns: torch.Tensor,
+                    blocks: torch.Tensor) -> torch.Tensor:
+    # the small segments' columns in one call: each column's coefficient gathered from its block's
+    acc = base[columns]
+    for t in range(vectors.shape[0]):
+        acc = acc + coef[t][blocks] * vectors[t][columns].to(torch.float32)
+    return acc
+
+
 @functools.cache
 def _kernel():
     return torch.compile(_merge_segment, dynamic=True)
+
+
+@functools.cache
+def _gathered_kernel():
+    return torch.compile(_merge_gathered, dynamic=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _small_segments(segments: tuple[tuple[int, int], ...], below: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The columns of the segments shorter than ``below`` and the index of each one's segment (``None``
+    for fewer than two such segments: then a call per segment costs no more)."""
+    small = [(b, s, e) for b, (s, e) in enumerate(segments) if 0 < e - s < below]
+    if len(small) < 2:
+        return None
+    columns = torch.cat([torch.arange(s, e) for _, s, e in small])
+    blocks = torch.cat([torch.full((e - s,), b) for b, s, e in small])
+    return columns.to(device), blocks.to(device)
 
 
 def _recompile_limit() -> Any:
@@ -51,19 +79,24 @@ def _recompile_limit() -> Any:
 def compiled_merge_flat(base: torch.Tensor, vectors: torch.Tensor, coef: torch.Tensor,
                         segments: Sequence[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
     """Fused ``out[s:e] = base[s:e] + Σ_t coef[t, b] · vectors[t, s:e]`` per block segment ``b = (s, e)``
-    (columns outside every segment get ``base``); ``coef`` is float32 ``[T, B]``. Raises whatever
+    (columns outside every segment get ``base``); ``coef`` is float32 ``[T, B]``. One kernel call per
+    segment of at least ``SMALL_SEGMENT`` columns and one for all the shorter ones together (at ViT-B-32,
+    52 calls instead of 152: each call costs about 0.05 ms whatever its size). Raises whatever
     ``torch.compile`` raises where it cannot build the kernel (no C++ compiler, say)."""
-    kernel = _kernel()
-    done = 0
+    kernel, done = _kernel(), 0
+    small = _small_segments(tuple(segments), SMALL_SEGMENT, vectors.device)
     with _recompile_limit():
         for b, (s, e) in sorted(enumerate(segments), key=lambda item: item[1]):
             if s > done:  # a gap no segment covers
                 out[done:s].copy_(base[done:s])
-            if e > s:
+            if e - s >= SMALL_SEGMENT or (small is None and e > s):
                 kernel(out, base, vectors, coef[:, b], s, e)
             done = max(done, e)
-    if done < base.numel():
-        out[done:].copy_(base[done:])
+        if done < base.numel():
+            out[done:].copy_(base[done:])
+        if small is not None:
+            columns, blocks = small
+            out.index_copy_(0, columns, _gathered_kernel()(base, vectors, coef, columns, blocks))
     return out
 
 
