@@ -209,11 +209,37 @@ def test_cli_zoo_build_reuses_an_intact_cache(micro_zoo, tmp_path, capsys, monke
     assert "| task_arithmetic (α=" in out and "| ties (α=" in out and "mean norm" in out
 
 
+def test_a_build_runs_with_the_pinned_thread_count_and_restores_the_callers(micro_zoo, tmp_path, monkeypatch):
+    seen = []
+
+    def spy_write(staging, preset):
+        seen.append(torch.get_num_threads())
+        shutil.rmtree(staging)
+        shutil.copytree(micro_zoo.root, staging)
+
+    monkeypatch.setattr(zoo_build, "_write_zoo", spy_write)
+    previous = torch.get_num_threads()
+    caller = 3 if zoo_build.BUILD_THREADS != 3 else 1
+    torch.set_num_threads(caller)
+    try:
+        zoo_build.build_zoo("micro", cache_dir=tmp_path)
+        assert (seen, torch.get_num_threads()) == ([zoo_build.BUILD_THREADS], caller)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
 def test_two_builds_are_identical(micro_zoo, tmp_path):
+    # the second build from a process with another thread count: float sums split over another number of
+    # threads round differently, which the build's pinned thread count rules out
     from safetensors import safe_open
 
-    again = zoo_build.build_zoo("micro", cache_dir=tmp_path)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(previous + 1)
+    try:
+        again = zoo_build.build_zoo("micro", cache_dir=tmp_path)
+    finally:
+        torch.set_num_threads(previous)
     assert again.manifest["results"] == micro_zoo.manifest["results"]
     assert set(again.manifest["files"]) == set(micro_zoo.manifest["files"])
     # safetensors orders header metadata arbitrarily, so compare contents, not file bytes
