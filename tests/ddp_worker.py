@@ -80,3 +80,4 @@ if __name__ == "__main__":
     result["world_size"] = distributed.world_size()
     if distributed.is_main():
         torch.save(result, sys.argv[1])
+    distributed.shutdown()

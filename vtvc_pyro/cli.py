@@ -60,11 +60,13 @@ def _zoo_build(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from vtvc_pyro import distributed
     from vtvc_pyro.experiment import run_experiment
 
     overrides = [*args.overrides, *([f"--device={args.device}"] if args.device else [])]
     run_experiment(args.config, overrides=overrides, out=args.out, force=args.force,
                    progress=_progress(args), quiet=args.quiet, report_to=args.report_to)
+    distributed.shutdown()  # under torchrun: every rank leaves the process group together
 
 
 def _config_show(args: argparse.Namespace) -> None:

@@ -249,10 +249,11 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
             log(f"{tag}: mean test accuracy {100 * sum(accuracy) / len(accuracy):.1f}% "
                 f"(fit {result['fit_seconds']:.1f} s, eval {result['eval_seconds']:.1f} s{saving})")
 
-        _tables(run, cfg, results, bench.description, bench.source)
-        plots = draw_figures(run)
-        run.mark_complete()
-        log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
+        if main:  # the other ranks' writes are discarded: they have no metrics.json to draw from
+            _tables(run, cfg, results, bench.description, bench.source)
+            plots = draw_figures(run)
+            run.mark_complete()
+            log(f"wrote {run.root / 'metrics.json'}, {run.root / 'table.md'} and {len(plots)} plots")
     if main:
         console.print((run.root / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)
         console.print(f"run directory: {run.root}\nplots: {run.plots_dir}", markup=False, soft_wrap=True)
