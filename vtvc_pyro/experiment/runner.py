@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from vtvc_pyro import distributed
-from vtvc_pyro.device import resolve_device
+from vtvc_pyro.device import resolve_device, torch_threads
 from vtvc_pyro.evaluate import reliability_bins
 from vtvc_pyro.experiment import negation, report
 from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
@@ -88,17 +88,6 @@ def _logger(path: Path, console: Console, quiet: bool = False, main: bool = True
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _result(name: str, base: str, outcomes: list[tuple[Problem, Outcome, dict[str, float]]],
@@ -183,7 +172,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     distributed.barrier()
     if run is None:  # another rank reads the run directory; its writes are discarded (vtvc_pyro.io)
         run = RunDirectory(root)
-    with run, _logger(run.log_path, console, quiet, main) as log, _threads(cfg.threads):
+    with run, _logger(run.log_path, console, quiet, main) as log, torch_threads(cfg.threads):
         log(f"run '{cfg.name}' in {run.root} (config digest {digest(cfg)[:12]})")
         bench = load_benchmark(cfg, log).place(runtime.device, cfg.bank_dtype, rank=cfg.bank_rank,
                                                energy=cfg.bank_energy)

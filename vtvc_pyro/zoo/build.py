@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from vtvc_pyro.device import torch_threads
 from vtvc_pyro.heads import ClassificationHead
 from vtvc_pyro.io import WriteError, atomic_path, permissions, sha256_file, write_json
 from vtvc_pyro.zoo.baselines import evaluate_baselines
@@ -190,19 +191,6 @@ def build_lock(root: Path) -> filelock.BaseFileLock:
     return filelock.FileLock(root.parent / f".{root.name}.lock", is_singleton=True, thread_local=False)
 
 
-@contextlib.contextmanager
-def _build_threads() -> Iterator[None]:
-    """Build with ``BUILD_THREADS`` torch threads whatever the caller set: float reductions split over
-    another number of threads round differently, and a zoo built in a one-thread run differed from one
-    built by `vtvc zoo build` by up to 0.01 in the pre-trained weights (learned methods moved 0.9 points)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = None,
               force: bool = False) -> Zoo:
     """Build the zoo of ``preset`` into the cache; an intact cached zoo is returned as is unless ``force``.
@@ -233,7 +221,9 @@ def build_zoo(preset: str = "default", cache_dir: str | os.PathLike | None = Non
         staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
         os.chmod(staging, permissions(0o777))  # mkdtemp makes it private; the zoo follows the umask
         try:
-            with _build_threads():
+            # float sums split over another number of threads round differently: a zoo built inside a
+            # one-thread run differed from `vtvc zoo build`'s by up to 0.01 (learned methods: 0.9 points)
+            with torch_threads(BUILD_THREADS):
                 _write_zoo(staging, config)
             _swap_in(staging, root)
         except BaseException:
