@@ -1,8 +1,8 @@
 """Merge benchmark: a ViT-B-32-sized bank (T = 8 task vectors), per-block coefficients.
 
 Times, in one run and on the same data, round after round (interleaved), in two groups: the merges into
-preallocated memory with their copy reference, then the two that allocate their outputs (first-touching and
-freeing hundreds of MB between the others disturbed them and swung the bandwidth share by ±10 points):
+preallocated memory with their copy reference, then the two that allocate their outputs (so that
+first-touching and freeing hundreds of MB does not land between the merge and its copy reference):
   fused      bank.merge(coef), backend "auto": the fused kernel (torch.compile / Inductor on CPU, one pass
              over memory; Triton on CUDA) over the flat [T, P] buffer, into a newly allocated output
   fused-out  the same into a preallocated output (bank.merge(coef, out=buffer)), as the copy below
@@ -122,8 +122,7 @@ def main() -> None:
     out = torch.empty(P, dtype=torch.float32, device=device)
 
     # the merges into preallocated memory and their copy reference are timed apart from the two that
-    # allocate their outputs: first-touching (and freeing) hundreds of MB between them disturbs the memory
-    # system and makes the bandwidth ratio swing by ±10 points from run to run on the 2-core VM
+    # allocate their outputs (first-touching and freeing hundreds of MB per round)
     times = interleaved({"fused-out": lambda: bank.merge(coef, out=out),
                          "bf16-out": lambda: bf16.merge(coef, out=out),
                          "eager-out": lambda: bank.merge(coef, backend="torch", out=out),

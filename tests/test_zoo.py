@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from vtvc_pyro import cli
 from vtvc_pyro.checkpoints import load_state_dict
+from vtvc_pyro.device import torch_threads
 from vtvc_pyro.zoo import build as zoo_build
 from vtvc_pyro.zoo import get_preset, load_zoo, summarize_zoo, verify_zoo
 from vtvc_pyro.zoo.tasks import Counts, build_task
@@ -218,14 +219,10 @@ def test_a_build_runs_with_the_pinned_thread_count_and_restores_the_callers(micr
         shutil.copytree(micro_zoo.root, staging)
 
     monkeypatch.setattr(zoo_build, "_write_zoo", spy_write)
-    previous = torch.get_num_threads()
     caller = 3 if zoo_build.BUILD_THREADS != 3 else 1
-    torch.set_num_threads(caller)
-    try:
+    with torch_threads(caller):
         zoo_build.build_zoo("micro", cache_dir=tmp_path)
         assert (seen, torch.get_num_threads()) == ([zoo_build.BUILD_THREADS], caller)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.slow
@@ -234,12 +231,8 @@ def test_two_builds_are_identical(micro_zoo, tmp_path):
     # threads round differently, which the build's pinned thread count rules out
     from safetensors import safe_open
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(previous + 1)
-    try:
+    with torch_threads(torch.get_num_threads() + 1):
         again = zoo_build.build_zoo("micro", cache_dir=tmp_path)
-    finally:
-        torch.set_num_threads(previous)
     assert again.manifest["results"] == micro_zoo.manifest["results"]
     assert set(again.manifest["files"]) == set(micro_zoo.manifest["files"])
     # safetensors orders header metadata arbitrarily, so compare contents, not file bytes
