@@ -3,6 +3,7 @@ exact checkpoint/resume, unreadable checkpoints, the NaN guard, param-store hygi
 sparse composition."""
 
 import math
+from pathlib import Path
 
 import pyro
 import pytest
@@ -12,6 +13,7 @@ from planted import planted_problem
 from torch.testing import assert_close
 
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
+from vtvc_pyro.experiment.config import load_config
 from vtvc_pyro.guide import AmortizedGuide, TaskLevelGuide
 from vtvc_pyro.inference import (
     CheckpointError,
@@ -23,6 +25,8 @@ from vtvc_pyro.inference import (
     save_fitted,
 )
 from vtvc_pyro.model import NonFiniteError, VTVCModel
+
+MAIN_JOB = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "quickstart.yaml"
 
 GUIDE_PARAMS = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
 
@@ -337,12 +341,13 @@ def test_a_nan_in_the_first_batch_names_step_one(problem):
         assert torch.equal(value, before[name]), name
 
 
-def _recovery(steps: int) -> dict[str, float]:
-    """Fit the default VTVC on the planted problem with a noise task vector; score on fresh inputs."""
+def _recovery(steps: int, prior: dict | None = None) -> dict[str, float]:
+    """Fit the default VTVC (with ``prior``, default METHOD §2's) on the planted problem with a noise task
+    vector; score on fresh inputs."""
     problem = planted_problem(num_per_task=120, noise_vectors=1, num_test=200)
     torch.manual_seed(0)
-    model = VTVCModel(problem.encoder, problem.heads, None, problem.task_names, problem.block_names)
-    guide = AmortizedGuide(problem.feature_dim, problem.task_names, problem.block_names, hidden_dim=16)
+    model = VTVCModel(problem.encoder, problem.heads, prior, problem.task_names, problem.block_names)
+    guide = AmortizedGuide(problem.feature_dim, problem.task_names, problem.block_names, prior, hidden_dim=16)
     assert guide.gating == "gated"
     cfg = SVIConfig(steps=steps, batch_size=64, lr=0.02, kl_weight=0.03, progress=False)
     fit = fit_svi(model, guide, problem.data, cfg)
@@ -372,12 +377,22 @@ def _check_recovery(out: dict[str, float]) -> None:
     assert out["objective_gain"] > 0
 
 
-def test_default_vtvc_recovers_a_planted_sparse_composition():
+PRIORS = {"method default": None,  # METHOD §2: pi = 0.5 fixed
+          "main job": load_config(MAIN_JOB).prior}  # pi[t, b] ~ Beta(1, 1), learned from all samples
+
+
+def test_the_main_job_learns_its_usage_rates():
+    assert PRIORS["main job"].hierarchical
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_default_vtvc_recovers_a_planted_sparse_composition(prior):
     """Each task's labels come from some blocks of its own task vector; a fourth task vector is pure noise.
     The default (gated) posterior includes what each task needs with p_eff ≥ 0.9, the noise with ≤ 0.2."""
-    _check_recovery(_recovery(200))
+    _check_recovery(_recovery(200, PRIORS[prior]))
 
 
 @pytest.mark.slow
-def test_default_vtvc_recovery_holds_at_four_times_the_steps():
-    _check_recovery(_recovery(800))
+@pytest.mark.parametrize("prior", PRIORS)
+def test_default_vtvc_recovery_holds_at_four_times_the_steps(prior):
+    _check_recovery(_recovery(800, PRIORS[prior]))

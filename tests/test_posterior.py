@@ -152,6 +152,22 @@ def test_inference_data_export(problem):
     assert idata.sample_stats["entropy"].shape == (1, 4, 36)
 
 
+def test_prior_inclusion_is_pi_or_its_posterior_mean_under_a_hyper_prior(problem):
+    fixed = {"pi": 0.3, "overrides": [{"tasks": "beta", "pi": 0.8}]}
+    learned = {"pi_prior": {"a": 2.0, "b": 3.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _, _, post = make(problem, prior=fixed)
+        got = post.to_inference_data(problem.data, num_samples=2).constant_data["prior_inclusion"].values
+        assert_close(torch.as_tensor(got), torch.tensor([[0.3, 0.3], [0.8, 0.8], [0.3, 0.3]]))
+        _, guide, post = make(problem, prior=learned)
+        with torch.no_grad():  # q(pi) = Beta(alpha, beta) with alpha = 1..6, beta = 4: mean alpha / (alpha + 4)
+            guide.pi_alpha = torch.arange(1.0, 7.0).reshape(3, 2)
+            guide.pi_beta = torch.full((3, 2), 4.0)
+        got = post.to_inference_data(problem.data, num_samples=2).constant_data["prior_inclusion"].values
+    assert_close(torch.as_tensor(got), torch.tensor([[1 / 5, 2 / 6], [3 / 7, 4 / 8], [5 / 9, 6 / 10]]))
+
+
 def test_gaussian_guides_have_inclusion_one_and_no_gate(problem):
     _, _, post = make(problem, prior={"kind": "gaussian"})
     summary = post.summarize(problem.data)

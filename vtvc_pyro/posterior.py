@@ -202,7 +202,7 @@ class Posterior:
         - ``sample_stats``: per draw and sample, predictive ``entropy`` and ``correct``;
         - ``constant_data``: each sample's ``data_task`` (its head's name), the guide's ``inclusion``,
           ``loc``, ``scale`` and gate ``decision``, the predictive ``entropy`` and ``mutual_information``,
-          the prior's ``prior_inclusion`` (task, block).
+          the prior's ``prior_inclusion`` (task, block: π, or ``E_q[π]`` under a Beta hyper-prior).
         """
         import arviz as az
 
@@ -210,7 +210,13 @@ class Posterior:
         pred = self.predictive(data, num_samples, features0, keep_draws=True)
         summary = self.summarize(data, features0)
         shape = (self.model.num_tasks, self.model.num_blocks)
-        prior_pi = self.model.prior_params()["pi"].cpu() if self.model.prior.has_spike else torch.ones(shape)
+        if self.model.prior.hierarchical:  # pi is latent: its posterior mean, the learned usage rate
+            with torch.no_grad():
+                prior_pi = self.guide.pi_dist().mean.cpu()
+        elif self.model.prior.has_spike:
+            prior_pi = self.model.prior_params()["pi"].cpu()
+        else:
+            prior_pi = torch.ones(shape)
         names = np.asarray(self.frozen.heads.task_names, dtype=str)
         dims = ["sample", "task", "block"]
         constant = {"data_task": names[pred["task"].numpy()],
