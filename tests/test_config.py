@@ -245,10 +245,11 @@ def test_duplicate_yaml_keys_are_refused_by_name(tmp_path, text, message):
 
 
 def test_the_resolved_config_reads_back_as_the_same_config(tmp_path):
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["--prior.overrides=[{tasks: mnist, pi: 0.9}]"])
+    override = "--prior.overrides=[{tasks: mnist, pi_prior: {a: 2, b: 1}}]"
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [override])
     again = load_config(write(tmp_path, to_yaml(cfg)))
     assert again == cfg and digest(again) == digest(cfg)
-    assert again.prior.overrides[0].pi == 0.9
+    assert again.prior.overrides[0].pi_prior.a == 2
 
 
 def test_bank_rank_and_energy_are_exclusive_and_validated():

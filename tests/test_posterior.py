@@ -161,7 +161,7 @@ def test_prior_inclusion_is_pi_or_its_posterior_mean_under_a_hyper_prior(problem
         got = post.to_inference_data(problem.data, num_samples=2).constant_data["prior_inclusion"].values
         assert_close(torch.as_tensor(got), torch.tensor([[0.3, 0.3], [0.8, 0.8], [0.3, 0.3]]))
         _, guide, post = make(problem, prior=learned)
-        with torch.no_grad():  # q(pi) = Beta(alpha, beta) with alpha = 1..6, beta = 4: mean alpha / (alpha + 4)
+        with torch.no_grad():  # q(pi) = Beta(alpha, 4), alpha = 1..6: mean alpha / (alpha + 4)
             guide.pi_alpha = torch.arange(1.0, 7.0).reshape(3, 2)
             guide.pi_beta = torch.full((3, 2), 4.0)
         got = post.to_inference_data(problem.data, num_samples=2).constant_data["prior_inclusion"].values

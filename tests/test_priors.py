@@ -14,13 +14,15 @@ BLOCKS = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight",
 
 
 def test_mapping_and_dataclass_are_the_same_spec():
-    mapping = {"kind": "spike_and_slab", "pi": 0.3, "slab": {"loc": 0.1, "scale": 2.0},
-               "pi_prior": {"a": 2, "b": 3},
+    mapping = {"kind": "spike_and_slab", "slab": {"loc": 0.1, "scale": 2.0}, "pi_prior": {"a": 2, "b": 3},
                "overrides": [{"tasks": "mnist", "blocks": "transformer.*", "slab": {"scale": 0.5}}]}
-    spec = PriorSpec(pi=0.3, slab=NormalSpec(0.1, 2.0), pi_prior=BetaSpec(2, 3),
+    spec = PriorSpec(slab=NormalSpec(0.1, 2.0), pi_prior=BetaSpec(2, 3),
                      overrides=(PriorOverride(tasks="mnist", blocks="transformer.*", slab_scale=0.5),))
     assert PriorSpec.from_mapping(mapping) == spec
     assert PriorSpec.from_mapping(spec.to_mapping()) == spec
+    fixed = {"kind": "spike_and_slab", "pi": 0.3, "overrides": [{"tasks": "mnist", "pi": 0.7}]}
+    overrides = (PriorOverride(tasks="mnist", pi=0.7),)
+    assert PriorSpec.from_mapping(fixed) == PriorSpec(pi=0.3, overrides=overrides)
     assert as_prior(None) == PriorSpec(kind="spike_and_slab", pi=0.5, slab=NormalSpec(0.0, 1.0))
 
 
@@ -41,6 +43,8 @@ def test_mapping_and_dataclass_are_the_same_spec():
      r"overrides\[0\]\.pi_prior: needs a global prior\.pi_prior"),
     ({"kind": "spike_and_slab", "pi_prior": {"a": 1, "b": 1}, "overrides": [{"pi": 0.2}]},
      r"overrides\[0\]\.pi: pi is latent under pi_prior"),
+    ({"kind": "spike_and_slab", "pi": 0.1, "pi_prior": {"a": 1, "b": 1}},
+     r"^pi: 0\.1 is unused: pi is latent under pi_prior"),
     ({"kind": "spike_and_slab", "pi": "half"}, r"^pi: expected a finite number, got 'half'"),
 ])
 def test_validation_names_the_bad_field(mapping, message):

@@ -150,6 +150,9 @@ class PriorSpec:
             if spike:
                 raise ValueError(f"{spike[0]}: a gaussian prior has no spike; remove it or use "
                                  "spike_and_slab")
+        if self.pi_prior is not None and self.pi != PriorSpec.pi:
+            raise ValueError(f"pi: {self.pi!r} is unused: pi is latent under pi_prior (Beta(a, b)); "
+                             "remove pi or set pi_prior: null")
         for i, o in enumerate(self.overrides):
             if o.pi_prior is not None and self.pi_prior is None:
                 raise ValueError(f"overrides[{i}].pi_prior: needs a global prior.pi_prior to override")
