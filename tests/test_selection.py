@@ -106,6 +106,27 @@ def test_a_run_with_seeds_and_selection_keeps_every_seed_and_every_candidate(mic
     assert "| vtvc (2 seeds) |" in table and " ± " in table
 
 
+def test_repeated_splits_average_what_each_split_alone_scores(micro_zoo, tmp_path):
+    def selection(name, *overrides):
+        cli.main(["--quiet", "run", str(SMOKE), "--out", str(tmp_path / name),
+                  "--methods=[finetuned, vtvc]", "--selection.kl_weights=[0.001, 0.1]", "--svi.steps=2",
+                  *overrides])
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())["methods"]
+        return metrics["vtvc"]["details"]["all"]["selection"]
+
+    both = selection("both", "--selection.repeats=2", "--selection.split_seed=3")
+    alone = [selection("split3", "--selection.split_seed=3"), selection("split4", "--selection.split_seed=4")]
+    assert both["repeats"] == 2
+    for weight, score in both["scores"].items():
+        assert score["per_split"] == [{k: v for k, v in a["scores"][weight].items() if k != "per_split"}
+                                      for a in alone]
+        for key in ("mean_normalized_accuracy", "mean_accuracy", "nll"):
+            assert score[key] == pytest.approx(statistics.mean(a["scores"][weight][key] for a in alone))
+    scores = both["scores"]
+    best = max(scores, key=lambda w: (scores[w]["mean_normalized_accuracy"], -scores[w]["nll"]))
+    assert both["kl_weight"] == float(best)
+
+
 def test_the_readme_tables_are_the_reports_of_the_committed_run_summaries(capsys):
     root = SMOKE.parents[2]
     readme = (root / "README.md").read_text()

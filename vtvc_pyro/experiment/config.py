@@ -262,11 +262,14 @@ class SelectionSettings(_Section):
     split per task with ``split_seed`` (a ``heldout`` share of each task's fit samples held out); each
     candidate is fitted on the rest and scored on the held-out part by mean normalised accuracy (the
     fine-tuned models' val accuracy as the normaliser; ties go to the smaller NLL); the best one is then
-    fitted on all fit data. No candidates: ``svi.kl_weight`` is used as given."""
+    fitted on all fit data. ``repeats`` > 1 repeats this on the splits ``split_seed + 1, ...`` and ranks the
+    candidates by their mean scores (``repeats`` fits per candidate). No candidates: ``svi.kl_weight`` is
+    used as given."""
 
     kl_weights: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] = ()
     heldout: float = Field(default=0.2, gt=0, lt=1)
     split_seed: Annotated[int, Field(ge=0, strict=True)] = 0
+    repeats: Annotated[int, Field(ge=1, strict=True)] = 1
 
     @field_validator("kl_weights")
     @classmethod

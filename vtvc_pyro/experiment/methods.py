@@ -107,7 +107,7 @@ def _fit(ctx: Context, problem: Problem, model: torch.nn.Module, guide: Callable
     data, features = problem.joined("fit"), ctx.features(problem, "fit")
     if positions is not None:
         data, features = Subset(data, positions), features[positions]
-    depends_on = {"kl_weight": config.kl_weight, "positions": None if positions is None else len(positions)}
+    depends_on = {"kl_weight": config.kl_weight, "positions": positions}  # each held-out split its own
     path = ctx.checkpoint_path(problem, depends_on)
     with ctx.step_logger(problem) as callback:
         try:
@@ -325,35 +325,38 @@ def _vtvc_parts(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | 
 
 def _select_kl_weight(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None
                       ) -> tuple[float, dict[str, Any]]:
-    """``selection.kl_weights``' best candidate on the held-out part of the fit data (see
-    :class:`~vtvc_pyro.experiment.config.SelectionSettings`), and every candidate's held-out scores."""
+    """``selection.kl_weights``' best candidate on held-out parts of the fit data (see
+    :class:`~vtvc_pyro.experiment.config.SelectionSettings`), and every candidate's held-out scores: their
+    means over the ``repeats`` splits, and each split's under ``per_split``."""
     settings = ctx.cfg.selection
-    keep, held = heldout_split(problem, settings.heldout, settings.split_seed)
     reference: FinetunedReference = ctx.product("finetuned", problem)
     fit_data = problem.joined("fit")
-    heldout = Subset(fit_data, held)
-    task_ids = fit_data.task_ids[held]
-    scores: dict[str, dict[str, float]] = {}
-    for weight in settings.kl_weights:
-        model, guide = _vtvc_parts(ctx, problem, prior, gating)
-        _fit(ctx, problem, model, guide, bayesian=True, positions=keep, kl_weight=weight)
-        predict = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
-                            loader=ctx.runtime.loader).predict
-        probs, labels, _ = predict_dataset(predict, heldout, ctx.cfg.eval.batch_size,
-                                           device=ctx.runtime.device, loader=ctx.runtime.loader)
-        metrics = scores_from_probs(probs, labels, task_ids, problem.heads, ctx.cfg.eval.ece_bins).tasks
-        normalized = [metrics[t].accuracy / reference.val_accuracy[t] for t in problem.tasks
-                      if reference.val_accuracy[t] > 0]
-        scores[f"{weight:g}"] = {
-            "mean_normalized_accuracy": sum(normalized) / len(normalized),
-            "mean_accuracy": sum(m.accuracy for m in metrics.values()) / len(metrics),
-            "nll": sum(m.nll for m in metrics.values()) / len(metrics)}
-        ctx.log(f"{ctx.name}/{problem.name}: kl_weight {weight:g}: held-out mean normalised accuracy "
-                f"{100 * scores[f'{weight:g}']['mean_normalized_accuracy']:.1f}%")
+    per_split: dict[str, list[dict[str, float]]] = {f"{w:g}": [] for w in settings.kl_weights}
+    for split_seed in range(settings.split_seed, settings.split_seed + settings.repeats):
+        keep, held = heldout_split(problem, settings.heldout, split_seed)
+        heldout, task_ids = Subset(fit_data, held), fit_data.task_ids[held]
+        for weight in settings.kl_weights:
+            model, guide = _vtvc_parts(ctx, problem, prior, gating)
+            _fit(ctx, problem, model, guide, bayesian=True, positions=keep, kl_weight=weight)
+            predict = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                                loader=ctx.runtime.loader).predict
+            probs, labels, _ = predict_dataset(predict, heldout, ctx.cfg.eval.batch_size,
+                                               device=ctx.runtime.device, loader=ctx.runtime.loader)
+            metrics = scores_from_probs(probs, labels, task_ids, problem.heads, ctx.cfg.eval.ece_bins).tasks
+            normalized = [metrics[t].accuracy / reference.val_accuracy[t] for t in problem.tasks
+                          if reference.val_accuracy[t] > 0]
+            score = {"mean_normalized_accuracy": sum(normalized) / len(normalized),
+                     "mean_accuracy": sum(m.accuracy for m in metrics.values()) / len(metrics),
+                     "nll": sum(m.nll for m in metrics.values()) / len(metrics)}
+            per_split[f"{weight:g}"].append(score)
+            ctx.log(f"{ctx.name}/{problem.name}: kl_weight {weight:g}, split {split_seed}: held-out mean "
+                    f"normalised accuracy {100 * score['mean_normalized_accuracy']:.1f}%")
+    scores = {w: {**{k: sum(s[k] for s in splits) / len(splits) for k in splits[0]}, "per_split": splits}
+              for w, splits in per_split.items()}
     best = max(settings.kl_weights, key=lambda w: (scores[f"{w:g}"]["mean_normalized_accuracy"],
                                                    -scores[f"{w:g}"]["nll"]))
     return best, {"kl_weight": best, "heldout": settings.heldout, "split_seed": settings.split_seed,
-                  "heldout_samples": len(held), "scores": scores}
+                  "repeats": settings.repeats, "heldout_samples": len(held), "scores": scores}
 
 
 def _vtvc(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None) -> Outcome:
