@@ -133,7 +133,8 @@ def test_the_readme_tables_are_the_reports_of_the_committed_run_summaries(capsys
     blocks = re.findall(r"<!-- vtvc report (\S+) --markdown -->\n(.*?)<!-- end of report -->", readme, re.S)
     assert {summary for summary, _ in blocks} == {"experiments/results/quickstart.json",
                                                   "experiments/results/quickstart-3seeds.json",
-                                                  "experiments/results/long-3seeds.json"}
+                                                  "experiments/results/long-3seeds.json",
+                                                  "experiments/results/selection-repeats2-3seeds.json"}
     for summary, block in blocks:
         cli.main(["report", str(root / summary), "--markdown"])
         report = capsys.readouterr().out
