@@ -127,6 +127,18 @@ def test_repeated_splits_average_what_each_split_alone_scores(micro_zoo, tmp_pat
     assert both["kl_weight"] == float(best)
 
 
+def test_candidates_fitted_side_by_side_score_what_they_score_one_after_the_other(micro_zoo, tmp_path):
+    def run(name, workers):
+        cli.main(["--quiet", "run", str(SMOKE), "--out", str(tmp_path / name), f"--workers={workers}",
+                  "--methods=[finetuned, vtvc]", "--selection.kl_weights=[0.001, 0.1]",
+                  "--selection.repeats=2", "--svi.steps=3"])
+        return json.loads((tmp_path / name / "metrics.json").read_text())["methods"]["vtvc"]
+
+    alone, side_by_side = run("one", 1), run("two", 2)
+    assert side_by_side["details"]["all"]["selection"] == alone["details"]["all"]["selection"]
+    assert side_by_side["tasks"] == alone["tasks"]  # and the refit on all fit data after it
+
+
 def test_the_readme_tables_are_the_reports_of_the_committed_run_summaries(capsys):
     root = SMOKE.parents[2]
     readme = (root / "README.md").read_text()

@@ -319,6 +319,9 @@ class ExperimentConfig(_Section):
     """Fit every learned method once per seed (same zoo, data and splits); tables report mean ± sd."""
     threads: PositiveInt | None = None
     """torch intra-op threads for the run (null: torch's default). Tiny ViTs run fastest on 1."""
+    workers: PositiveInt = 1
+    """Processes that fit the held-out selection's candidates side by side (CPU only: forked, each with
+    ``threads`` threads; on CUDA or under torchrun they run one after the other). Same results as 1."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its local GPU."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -542,7 +545,7 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
-RUN_FREE = ("device", "loader")
+RUN_FREE = ("device", "loader", "workers")
 """Keys that change where and how fast a run computes, not what: a run may resume with others (a run
 started on a GPU continues on a CPU)."""
 

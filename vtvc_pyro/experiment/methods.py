@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
+from vtvc_pyro import distributed
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.evaluate import TaskMetrics, select_alpha
 from vtvc_pyro.experiment.negation import forgetting, inclusion_by_input, negated_task_arithmetic
@@ -46,6 +47,7 @@ from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
 from vtvc_pyro.model import VTVCModel
+from vtvc_pyro.parallel import fork_map
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
 from vtvc_pyro.priors import PriorSpec
 
@@ -327,34 +329,49 @@ def _select_kl_weight(ctx: Context, problem: Problem, prior: PriorSpec, gating: 
                       ) -> tuple[float, dict[str, Any]]:
     """``selection.kl_weights``' best candidate on held-out parts of the fit data (see
     :class:`~vtvc_pyro.experiment.config.SelectionSettings`), and every candidate's held-out scores: their
-    means over the ``repeats`` splits, and each split's under ``per_split``."""
+    means over the ``repeats`` splits, and each split's under ``per_split``. The candidate fits run in up to
+    ``workers`` processes on CPU (each fit seeds itself: the same scores in any order)."""
     settings = ctx.cfg.selection
     reference: FinetunedReference = ctx.product("finetuned", problem)
     fit_data = problem.joined("fit")
-    per_split: dict[str, list[dict[str, float]]] = {f"{w:g}": [] for w in settings.kl_weights}
-    for split_seed in range(settings.split_seed, settings.split_seed + settings.repeats):
-        keep, held = heldout_split(problem, settings.heldout, split_seed)
+    splits = {seed: heldout_split(problem, settings.heldout, seed)
+              for seed in range(settings.split_seed, settings.split_seed + settings.repeats)}
+    workers = ctx.cfg.workers
+    if workers > 1 and (ctx.runtime.device.type != "cpu" or distributed.active()):
+        ctx.log(f"{ctx.name}/{problem.name}: workers: {workers} fits side by side need a single CPU process; "
+                "fitting the candidates one after the other")
+        workers = 1
+    fit_ctx = dataclasses.replace(ctx, progress=False) if workers > 1 else ctx  # no bars racing each other
+
+    def heldout_score(job: tuple[int, float]) -> dict[str, float]:
+        split_seed, weight = job
+        keep, held = splits[split_seed]
         heldout, task_ids = Subset(fit_data, held), fit_data.task_ids[held]
-        for weight in settings.kl_weights:
-            model, guide = _vtvc_parts(ctx, problem, prior, gating)
-            _fit(ctx, problem, model, guide, bayesian=True, positions=keep, kl_weight=weight)
-            predict = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
-                                loader=ctx.runtime.loader).predict
-            probs, labels, _ = predict_dataset(predict, heldout, ctx.cfg.eval.batch_size,
-                                               device=ctx.runtime.device, loader=ctx.runtime.loader)
-            metrics = scores_from_probs(probs, labels, task_ids, problem.heads, ctx.cfg.eval.ece_bins).tasks
-            normalized = [metrics[t].accuracy / reference.val_accuracy[t] for t in problem.tasks
-                          if reference.val_accuracy[t] > 0]
-            score = {"mean_normalized_accuracy": sum(normalized) / len(normalized),
-                     "mean_accuracy": sum(m.accuracy for m in metrics.values()) / len(metrics),
-                     "nll": sum(m.nll for m in metrics.values()) / len(metrics)}
-            per_split[f"{weight:g}"].append(score)
-            ctx.log(f"{ctx.name}/{problem.name}: kl_weight {weight:g}, split {split_seed}: held-out mean "
-                    f"normalised accuracy {100 * score['mean_normalized_accuracy']:.1f}%")
-    scores = {w: {**{k: sum(s[k] for s in splits) / len(splits) for k in splits[0]}, "per_split": splits}
-              for w, splits in per_split.items()}
+        model, guide = _vtvc_parts(ctx, problem, prior, gating)
+        _fit(fit_ctx, problem, model, guide, bayesian=True, positions=keep, kl_weight=weight)
+        predict = Posterior(model, guide, batch_size=ctx.cfg.eval.batch_size, device=ctx.runtime.device,
+                            loader=ctx.runtime.loader).predict
+        probs, labels, _ = predict_dataset(predict, heldout, ctx.cfg.eval.batch_size,
+                                           device=ctx.runtime.device, loader=ctx.runtime.loader)
+        metrics = scores_from_probs(probs, labels, task_ids, problem.heads, ctx.cfg.eval.ece_bins).tasks
+        normalized = [metrics[t].accuracy / reference.val_accuracy[t] for t in problem.tasks
+                      if reference.val_accuracy[t] > 0]
+        score = {"mean_normalized_accuracy": sum(normalized) / len(normalized),
+                 "mean_accuracy": sum(m.accuracy for m in metrics.values()) / len(metrics),
+                 "nll": sum(m.nll for m in metrics.values()) / len(metrics)}
+        ctx.log(f"{ctx.name}/{problem.name}: kl_weight {weight:g}, split {split_seed}: held-out mean "
+                f"normalised accuracy {100 * score['mean_normalized_accuracy']:.1f}%")
+        return score
+
+    jobs = [(split_seed, weight) for split_seed in splits for weight in settings.kl_weights]
+    per_split: dict[str, list[dict[str, float]]] = {f"{w:g}": [] for w in settings.kl_weights}
+    for (_, weight), score in zip(jobs, fork_map(heldout_score, jobs, workers), strict=True):
+        per_split[f"{weight:g}"].append(score)
+    scores = {w: {**{k: sum(s[k] for s in runs) / len(runs) for k in runs[0]}, "per_split": runs}
+              for w, runs in per_split.items()}
     best = max(settings.kl_weights, key=lambda w: (scores[f"{w:g}"]["mean_normalized_accuracy"],
                                                    -scores[f"{w:g}"]["nll"]))
+    held = splits[settings.split_seed][1]
     return best, {"kl_weight": best, "heldout": settings.heldout, "split_seed": settings.split_seed,
                   "repeats": settings.repeats, "heldout_samples": len(held), "scores": scores}
 
