@@ -23,6 +23,7 @@ from vtvc_pyro import cli
 from vtvc_pyro.evaluate import expected_calibration_error, reliability_bins
 from vtvc_pyro.experiment import plots
 from vtvc_pyro.experiment.config import METHODS, from_dict
+from vtvc_pyro.experiment.diagnose import diagnose
 from vtvc_pyro.experiment.figures import load_posterior
 from vtvc_pyro.experiment.methods import REGISTRY, FinetunedReference
 from vtvc_pyro.experiment.problem import Outcome
@@ -286,6 +287,28 @@ def test_a_different_config_is_refused(smoke_run, capsys):
     assert "holds a run with a different config" in message and "svi.steps: 6 → 7" in message
     assert "--force" in message and "--out" in message
     assert mtimes(smoke_run, "**/*.json") == before
+
+
+def test_diagnose_rebuilds_every_learned_method_and_reproduces_its_test_score(smoke_run, capsys):
+    table = diagnose(smoke_run, mc_samples=2)
+    metrics = json.loads((smoke_run / "metrics.json").read_text())["methods"]
+    scored = {"atlas": "point", "metanet": "point", "vtvc": "gated", "vtvc_gaussian": "gated",
+              "vtvc_stochastic": "gated"}
+    for method, rule in scored.items():  # the rule a run scores, rebuilt from fitted.safetensors alone
+        row = table.loc[(method, rule)]
+        assert row["test accuracy"] == pytest.approx(metrics[method]["mean_accuracy"], abs=1e-9), method
+        assert row["test normalized_accuracy"] == pytest.approx(metrics[method]["mean_normalized_accuracy"],
+                                                               abs=1e-9), method
+        assert 0 <= row["fit accuracy"] <= 1 and row["fit nll"] > 0
+    gaussian = table.loc["vtvc_gaussian"]  # no spike: every gate is on, so the two rules agree
+    assert gaussian.loc["mean", "test accuracy"] == gaussian.loc["gated", "test accuracy"]
+    assert {rule for _, rule in table.index} == {"point", "gated", "mean", "mc2"}
+    capsys.readouterr()
+    cli.main(["diagnose", str(smoke_run), "--mc-samples=0"])
+    out = capsys.readouterr().out
+    assert "| vtvc | gated |" in out and "| metanet | point |" in out and "mc" not in out
+    with pytest.raises(ValueError, match=r"seed: 7 is not among the run's fit seeds \[0\]"):
+        diagnose(smoke_run, seed=7)
 
 
 # ---------------------------------------------------------------- resume, force, knowledge transfer

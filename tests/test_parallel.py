@@ -1,4 +1,5 @@
-"""``fork_map``: the same list, in order, as a loop in this process; a worker's exception reaches the caller."""
+"""``fork_map``: the same list, in order, as a loop in this process; a worker's exception reaches the
+caller."""
 
 from __future__ import annotations
 

@@ -124,6 +124,12 @@ def _report(args: argparse.Namespace) -> None:
     print(table, end="")
 
 
+def _diagnose(args: argparse.Namespace) -> None:
+    from vtvc_pyro.experiment.diagnose import diagnose, to_markdown
+
+    print(to_markdown(diagnose(args.run, seed=args.seed, mc_samples=args.mc_samples)), end="")
+
+
 def _add(sub: argparse._SubParsersAction, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
                           formatter_class=_FORMAT)
@@ -226,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or a metrics.json (e.g. a committed run summary)")
     p.add_argument("--markdown", action="store_true", help="Markdown (title, table, legend) instead of CSV")
     p.set_defaults(handler=_report)
+
+    p = _add(sub, "diagnose", "accuracy and NLL of a task-addition run's learned methods on their fit data "
+             "and on test, under every evaluation rule (gated, all gates on, Monte Carlo)",
+             "vtvc diagnose runs/quickstart --seed 1")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--seed", type=int, default=None, help="which fit seed of the run (default: its first)")
+    p.add_argument("--mc-samples", type=int, default=8, help="draws of the Monte Carlo rule (0: skip it)")
+    p.set_defaults(handler=_diagnose)
     return parser
 
 
