@@ -516,6 +516,11 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def base_method(cfg: ExperimentConfig, name: str) -> str:
+    """The built-in method a name of ``methods`` runs: itself, or the method a variant of that name varies."""
+    return cfg.variants[name].method if name in cfg.variants else name
+
+
 def variant_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
     """The settings ``method`` runs with: ``cfg`` itself, or ``cfg`` with a variant's ``set`` applied."""
     variant = cfg.variants.get(method)

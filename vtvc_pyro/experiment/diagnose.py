@@ -19,27 +19,21 @@ from pathlib import Path
 import pandas as pd
 import pyro
 import torch
-from safetensors import safe_open
 
-from vtvc_pyro.baselines import ATLASModel, MetaNetModel
+from vtvc_pyro.checkpoints import read_metadata
 from vtvc_pyro.device import resolve_device, torch_threads
-from vtvc_pyro.experiment.benchmark import Benchmark, load_benchmark
-from vtvc_pyro.experiment.config import ExperimentConfig, load_config, variant_config
-from vtvc_pyro.experiment.problem import FeatureCache, Problem, Runtime, make_problems
+from vtvc_pyro.experiment.benchmark import load_benchmark
+from vtvc_pyro.experiment.config import base_method, load_config, variant_config
+from vtvc_pyro.experiment.methods import baseline_model, vtvc_parts
+from vtvc_pyro.experiment.problem import FeatureCache, Runtime, make_problems
+from vtvc_pyro.experiment.report import summarize
 from vtvc_pyro.experiment.scoring import Predict, predict_dataset, scores_from_probs
-from vtvc_pyro.guide import build_guide
 from vtvc_pyro.inference import load_fitted
-from vtvc_pyro.model import VTVCModel
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
 from vtvc_pyro.priors import PriorSpec
 
 VTVC_FAMILY = ("vtvc", "vtvc_gaussian", "vtvc_stochastic")
 POINT_METHODS = ("atlas", "metanet")
-
-
-def _fitted_metadata(path: Path) -> dict[str, object]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
 
 
 def diagnose(run_dir: str | Path, seed: int | None = None, mc_samples: int = 8) -> pd.DataFrame:
@@ -75,10 +69,11 @@ def diagnose(run_dir: str | Path, seed: int | None = None, mc_samples: int = 8) 
             probs, labels, task = predict_dataset(predict, problem.joined(split), cfg.eval.batch_size,
                                                   device=device, loader=runtime.loader)
             tasks = scores_from_probs(probs, labels, task, problem.heads, cfg.eval.ece_bins).tasks
-            out = {"accuracy": sum(m.accuracy for m in tasks.values()) / len(tasks),
-                   "nll": sum(m.nll for m in tasks.values()) / len(tasks)}
+            summary = summarize({split: {"tasks": {t: m.to_dict() for t, m in tasks.items()}}}, list(tasks),
+                                reference)[split]  # the means the run's tables report
+            out = {"accuracy": summary["mean_accuracy"], "nll": summary["nll"]}
             if split == "test":
-                out["normalized_accuracy"] = sum(tasks[t].accuracy / reference[t] for t in tasks) / len(tasks)
+                out["normalized_accuracy"] = summary["mean_normalized_accuracy"]
             return out
 
         def add(method: str, rule: str, predict: Predict, splits: tuple[str, ...] = ("fit", "test")) -> None:
@@ -87,23 +82,20 @@ def diagnose(run_dir: str | Path, seed: int | None = None, mc_samples: int = 8) 
                 row.update({f"{split} {k}": v for k, v in scores(predict, split).items()})
             rows.append(row)
 
+        feature_dim = features(problem, "fit").shape[1]
         for name in metrics["methods"]:
-            base = cfg.variants[name].method if name in cfg.variants else name
+            base = base_method(cfg, name)
             path = run_dir / "posteriors" / name / problem.name / seed_dir / "fitted.safetensors"
             if base not in POINT_METHODS + VTVC_FAMILY or not path.is_file():
                 continue
+            settings, encoder = variant_config(cfg, name), runtime.composed(bench.visual, problem.bank)
             if base in POINT_METHODS:
-                model = _point_model(base, variant_config(cfg, name), runtime, bench, problem, features)
-                load_fitted(model, path)
+                model = load_fitted(baseline_model(base, settings, encoder, problem, feature_dim), path)
                 add(name, "point", coefficient_predictor(model.frozen, model.point_coef))
                 continue
-            settings, meta = variant_config(cfg, name), _fitted_metadata(path)
-            prior = PriorSpec.from_mapping(meta["prior"])
-            bank = problem.bank
-            model = VTVCModel(runtime.composed(bench.visual, bank), problem.heads, prior, bank.task_names,
-                              bank.block_names)
-            guide = build_guide(settings.guide, features(problem, "fit").shape[1], bank.task_names,
-                                bank.block_names, prior, gating=str(meta["gating"]))
+            meta = read_metadata(path)  # _save_fit's JSON-encoded values
+            prior, gating = PriorSpec.from_mapping(json.loads(meta["prior"])), json.loads(meta["gating"])
+            model, guide = vtvc_parts(settings, encoder, problem, prior, gating, feature_dim)
             load_fitted(guide, path)
             post = Posterior(model, guide, batch_size=cfg.eval.batch_size, device=device,
                              loader=runtime.loader)
@@ -123,16 +115,6 @@ def _all_on(guide: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return guide.components(features0)[1]
 
     return coef
-
-
-def _point_model(base: str, cfg: ExperimentConfig, runtime: Runtime, bench: Benchmark, problem: Problem,
-                 features: FeatureCache) -> ATLASModel | MetaNetModel:
-    bank = problem.bank
-    encoder = runtime.composed(bench.visual, bank)
-    if base == "atlas":
-        return ATLASModel(encoder, problem.heads, bank.task_names, bank.block_names)
-    return MetaNetModel(encoder, problem.heads, features(problem, "fit").shape[1], bank.task_names,
-                        bank.block_names, hidden_dim=cfg.guide.hidden_dim, init_coef=cfg.guide.init_loc)
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -25,6 +25,7 @@ from torch.utils.data import Subset
 from vtvc_pyro import distributed
 from vtvc_pyro.baselines import ATLASModel, MetaNetModel, empty_guide
 from vtvc_pyro.evaluate import TaskMetrics, select_alpha
+from vtvc_pyro.experiment.config import ExperimentConfig
 from vtvc_pyro.experiment.negation import forgetting, inclusion_by_input, negated_task_arithmetic
 from vtvc_pyro.experiment.problem import Context, Outcome, Problem
 from vtvc_pyro.experiment.scoring import (
@@ -46,7 +47,7 @@ from vtvc_pyro.inference import (
 from vtvc_pyro.io import atomic_path, atomic_write
 from vtvc_pyro.merge import task_arithmetic as task_arithmetic_merge
 from vtvc_pyro.merge import ties_merging
-from vtvc_pyro.model import VTVCModel
+from vtvc_pyro.model import Encoder, VTVCModel
 from vtvc_pyro.parallel import fork_map
 from vtvc_pyro.posterior import Posterior, coefficient_predictor
 from vtvc_pyro.priors import PriorSpec
@@ -249,6 +250,19 @@ def ties(ctx: Context, problem: Problem) -> Outcome:
 # ---------------------------------------------------------------- learned coefficients
 
 
+def baseline_model(base: str, cfg: ExperimentConfig, encoder: Encoder, problem: Problem,
+                   feature_dim: int | None = None) -> ATLASModel | MetaNetModel:
+    """An unfitted aTLAS (``base="atlas"``) or meta-network (``"metanet"``) on the problem's bank and heads,
+    set up as ``cfg`` says; ``feature_dim``: the pre-trained features' width (the meta-network's input)."""
+    bank = problem.bank
+    if base == "atlas":
+        return ATLASModel(encoder, problem.heads, bank.task_names, bank.block_names)
+    if base != "metanet" or feature_dim is None:
+        raise ValueError(f"{base!r}: a deterministic baseline is atlas, or metanet with its feature_dim")
+    return MetaNetModel(encoder, problem.heads, feature_dim, bank.task_names, bank.block_names,
+                        hidden_dim=cfg.guide.hidden_dim, init_coef=cfg.guide.init_loc)
+
+
 def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -> Outcome:
     """A deterministic baseline fitted by cross-entropy (SVI with an empty guide) and scored on test."""
     with ctx.timer("fit"):
@@ -266,9 +280,8 @@ def _learned(ctx: Context, problem: Problem, model: ATLASModel | MetaNetModel) -
 def atlas(ctx: Context, problem: Problem) -> Outcome:
     """aTLAS: task-level λ ∈ R^{T×B}, initialised at 0, learned by cross-entropy on the fit data."""
     with ctx.timer("fit"):
-        bank = problem.bank
-        model = ATLASModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, bank.task_names,
-                           bank.block_names)
+        encoder = ctx.runtime.composed(ctx.bench.visual, problem.bank)
+        model = baseline_model("atlas", ctx.cfg, encoder, problem)
     return _learned(ctx, problem, model)
 
 
@@ -276,10 +289,8 @@ def atlas(ctx: Context, problem: Problem) -> Outcome:
 def metanet(ctx: Context, problem: Problem) -> Outcome:
     """The deterministic meta-network: the guide's g_φ outputs λ_n directly, cross-entropy only."""
     with ctx.timer("fit"):
-        bank = problem.bank
-        model = MetaNetModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads,
-                             ctx.features(problem, "fit").shape[1], bank.task_names, bank.block_names,
-                             hidden_dim=ctx.cfg.guide.hidden_dim, init_coef=ctx.cfg.guide.init_loc)
+        model = baseline_model("metanet", ctx.cfg, ctx.runtime.composed(ctx.bench.visual, problem.bank),
+                               problem, ctx.features(problem, "fit").shape[1])
     return _learned(ctx, problem, model)
 
 
@@ -313,16 +324,22 @@ def heldout_split(problem: Problem, share: float, seed: int) -> tuple[list[int],
     return sorted(keep), sorted(held)
 
 
+def vtvc_parts(cfg: ExperimentConfig, encoder: Encoder, problem: Problem, prior: PriorSpec,
+               gating: str | None, feature_dim: int) -> tuple[VTVCModel, GateSlabGuide]:
+    """An unfitted VTVC model and guide on the problem's bank and heads (``cfg.guide``'s settings;
+    ``gating`` overrides its mode)."""
+    bank = problem.bank
+    model = VTVCModel(encoder, problem.heads, prior, bank.task_names, bank.block_names)
+    guide = build_guide(cfg.guide, feature_dim, bank.task_names, bank.block_names, prior, gating=gating)
+    return model, guide
+
+
 def _vtvc_parts(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None
                 ) -> tuple[VTVCModel, GateSlabGuide]:
     """A fresh model and guide (the guide initialised from the run's seed)."""
-    bank = problem.bank
     torch.manual_seed(ctx.cfg.seed)
-    model = VTVCModel(ctx.runtime.composed(ctx.bench.visual, bank), problem.heads, prior, bank.task_names,
-                      bank.block_names)
-    guide = build_guide(ctx.cfg.guide, ctx.features(problem, "fit").shape[1], bank.task_names,
-                        bank.block_names, prior, gating=gating)
-    return model, guide
+    return vtvc_parts(ctx.cfg, ctx.runtime.composed(ctx.bench.visual, problem.bank), problem, prior, gating,
+                      ctx.features(problem, "fit").shape[1])
 
 
 def _select_kl_weight(ctx: Context, problem: Problem, prior: PriorSpec, gating: str | None

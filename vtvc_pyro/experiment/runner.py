@@ -27,7 +27,14 @@ from vtvc_pyro.device import resolve_device, torch_threads
 from vtvc_pyro.evaluate import reliability_bins
 from vtvc_pyro.experiment import negation, report
 from vtvc_pyro.experiment.benchmark import check_inputs, load_benchmark
-from vtvc_pyro.experiment.config import ExperimentConfig, digest, load_config, to_dict, variant_config
+from vtvc_pyro.experiment.config import (
+    ExperimentConfig,
+    base_method,
+    digest,
+    load_config,
+    to_dict,
+    variant_config,
+)
 from vtvc_pyro.experiment.figures import draw_figures
 from vtvc_pyro.experiment.methods import REGISTRY, Method
 from vtvc_pyro.experiment.problem import (
@@ -54,17 +61,13 @@ def run_order(cfg: ExperimentConfig) -> list[str]:
             return
         if name in path:
             raise ValueError(f"methods: {' -> '.join((*path, name))} need each other")
-        for need in REGISTRY[_base(cfg, name)].needs:
+        for need in REGISTRY[base_method(cfg, name)].needs:
             visit(need, (*path, name))
         order.append(name)
 
     for name in ("finetuned", *cfg.methods):
         visit(name)
     return order
-
-
-def _base(cfg: ExperimentConfig, name: str) -> str:
-    return cfg.variants[name].method if name in cfg.variants else name
 
 
 @contextlib.contextmanager
@@ -184,10 +187,10 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         results: dict[str, dict[str, Any]] = {}
         products: dict[str, dict[str, Any]] = {}
         order = run_order(cfg)
-        needed = {n for m in order for n in REGISTRY[_base(cfg, m)].needs}
+        needed = {n for m in order for n in REGISTRY[base_method(cfg, m)].needs}
         for i, name in enumerate(order, 1):
             tag = f"[{i}/{len(order)}] {name}"
-            base = _base(cfg, name)
+            base = base_method(cfg, name)
             method = REGISTRY[base]
             settings = variant_config(cfg, name)
             seeds = settings.fit_seeds if method.seeded else (settings.seed,)
